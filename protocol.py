@@ -1,0 +1,432 @@
+"""
+The language of asynchronous thinking: tags, tokenizer, prompts, parsing, latency.
+
+One model plays two roles in plain text. As ORGANIZER it reads a question and may
+
+    <FORK-i>sub-query</FORK-i>    start worker i on a self-contained sub-query
+    <JOIN-i>                      wait for worker i; the executor then injects
+                                  "takeaway</JOIN-i>" into the organizer's context
+    <ANSWER>...</ANSWER>          give the final answer (ends the episode)
+
+As WORKER it sees only its sub-query, thinks, and ends with <RETURN>takeaway</RETURN>.
+
+A worked example (capacity c = 3, so at most 2 workers at once):
+
+    organizer prompt   <ORGANIZER>countdown 2 of 2 3 5 7 to 10\n
+    organizer output   <FORK-1>5+3 then 2 7 to 10</FORK-1><FORK-2>7*2 then 3 5 to 10</FORK-2>
+                       <JOIN-1>5+3+2</JOIN-1> new 1<JOIN-2>7*2-5+...</JOIN-2> ...
+                       <ANSWER>5+3+2, 7+3</ANSWER>
+    worker 1 prompt    <WORKER>5+3 then 2 7 to 10\n
+    worker 1 output    5+3=8 ... <RETURN>5+3+2</RETURN>
+
+Every tag is ONE special token, so the executor drives its state machine from token ids, and
+`parse` below turns a finished trajectory (each thread's token ids) into fork/join events and a
+list of NAMED format errors. From the events, `timeline` computes the reference latency (decode
+steps on the critical path; injected tokens are free) and the thinking concurrency eta.
+
+The tokenizer is byte-level by default: every byte, so every digit, is one token (arithmetic
+stays legible to a small model), plus the protocol's special tokens. `load_gpt2_tokenizer` reads
+a pretrained GPT-2's own BPE from a local checkpoint folder instead. Nothing is downloaded.
+"""
+
+import os
+import random
+import re
+from dataclasses import dataclass, field
+
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# Tags and the tokenizer
+
+MAX_FORKS = 32  # fork ids run 1..MAX_FORKS: 4 special tokens each (<FORK-i> </FORK-i> <JOIN-i> </JOIN-i>)
+ORGANIZER, WORKER, PAD = "<ORGANIZER>", "<WORKER>", "<PAD>"
+RETURN, RETURN_END = "<RETURN>", "</RETURN>"
+ANSWER, ANSWER_END = "<ANSWER>", "</ANSWER>"
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def fork_tags(i):
+    """The four tag strings of fork id i: ('<FORK-i>', '</FORK-i>', '<JOIN-i>', '</JOIN-i>')."""
+    return f"<FORK-{i}>", f"</FORK-{i}>", f"<JOIN-{i}>", f"</JOIN-{i}>"
+
+
+def special_token_names(max_forks=MAX_FORKS):
+    names = [ORGANIZER, WORKER, PAD, RETURN, RETURN_END, ANSWER, ANSWER_END]
+    for i in range(1, max_forks + 1):
+        names += fork_tags(i)
+    return names
+
+
+class Tokenizer:
+    """A tiktoken Encoding plus the ids of the protocol's tags.
+
+    >>> tok = Tokenizer.bytes_level()
+    >>> ids = tok.encode("<FORK-2>7*3</FORK-2>")
+    >>> len(ids), tok.tag(ids[0])            # 1 tag + 3 bytes + 1 tag
+    (5, ('fork', 2))
+    """
+
+    def __init__(self, enc: tiktoken.Encoding, max_forks=MAX_FORKS):
+        self.enc, self.max_forks = enc, max_forks
+        self.n_vocab = enc.n_vocab
+        ids = {name: enc.encode_single_token(name) for name in special_token_names(max_forks)}
+        self.organizer, self.worker, self.pad = ids[ORGANIZER], ids[WORKER], ids[PAD]
+        self.ret, self.ret_end = ids[RETURN], ids[RETURN_END]
+        self.answer, self.answer_end = ids[ANSWER], ids[ANSWER_END]
+        # id -> (kind, i): the table the executor's state machine and `parse` read
+        self.tags = {self.organizer: ("organizer", 0), self.worker: ("worker", 0), self.pad: ("pad", 0),
+                     self.ret: ("return", 0), self.ret_end: ("return_end", 0),
+                     self.answer: ("answer", 0), self.answer_end: ("answer_end", 0)}
+        for i in range(1, max_forks + 1):
+            for kind, name in zip(("fork", "fork_end", "join", "join_end"), fork_tags(i)):
+                self.tags[ids[name]] = (kind, i)
+        self._by_kind = {v: k for k, v in self.tags.items()}
+
+    @classmethod
+    def bytes_level(cls, max_forks=MAX_FORKS):
+        """256 byte tokens (ids 0..255) and the special tokens after them. Built offline."""
+        if not 1 <= max_forks <= 999:
+            raise ValueError(f"max_forks must be in 1..999, got {max_forks}")
+        ranks = {bytes([b]): b for b in range(256)}
+        specials = {name: 256 + j for j, name in enumerate(special_token_names(max_forks))}
+        enc = tiktoken.Encoding(name=f"asyncthink-bytes-{max_forks}", pat_str=GPT2_PATTERN,
+                                mergeable_ranks=ranks, special_tokens=specials)
+        return cls(enc, max_forks)
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids), errors="replace")
+
+    def tag(self, token_id):
+        """(kind, i) for a special token, None for ordinary text."""
+        return self.tags.get(int(token_id))
+
+    def tag_id(self, kind, i=0):
+        """The id of a tag, e.g. tag_id('join', 3) is the id of <JOIN-3>."""
+        if kind in ("fork", "fork_end", "join", "join_end") and not 1 <= i <= self.max_forks:
+            raise ValueError(f"fork id {i} is out of range 1..{self.max_forks}")
+        if (kind, i) not in self._by_kind:
+            raise ValueError(f"unknown tag kind {kind!r}")
+        return self._by_kind[(kind, i)]
+
+
+def load_gpt2_tokenizer(folder, max_forks=MAX_FORKS):
+    """GPT-2's BPE from a checkpoint folder (encoder.json + vocab.bpe, or HF's vocab.json +
+    merges.txt), with the protocol's tags appended after <|endoftext|> (ids 50257, ...)."""
+    def first(*names):
+        for name in names:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        raise FileNotFoundError(f"{folder}: no {' or '.join(names)} (GPT-2 tokenizer files)")
+    encoder_json, merges = first("encoder.json", "vocab.json"), first("vocab.bpe", "merges.txt")
+    with open(merges, encoding="utf-8") as f:
+        text = f.read()
+    if not text.endswith("\n"):  # tiktoken's loader drops the last line, expecting a newline there
+        import tempfile
+        fd, merges = tempfile.mkstemp(suffix=".bpe")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges, encoder_json)
+    eot = len(ranks)
+    specials = {"<|endoftext|>": eot}
+    specials.update({name: eot + 1 + j for j, name in enumerate(special_token_names(max_forks))})
+    enc = tiktoken.Encoding(name="gpt2-asyncthink", pat_str=GPT2_PATTERN,
+                            mergeable_ranks=ranks, special_tokens=specials)
+    return Tokenizer(enc, max_forks)
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+def question_text(row):
+    """The question a puzzle row asks, in the words the model reads.
+
+    >>> question_text({"task": "countdown", "numbers": [2, 3, 5, 7], "target": 10, "k": 2})
+    'countdown 2 of 2 3 5 7 to 10'
+    >>> question_text({"task": "sudoku", "puzzle": "1.3.....2..4...1"})
+    'sudoku 1.3.....2..4...1'
+    """
+    if row["task"] == "countdown":
+        return f"countdown {row['k']} of {' '.join(map(str, row['numbers']))} to {row['target']}"
+    if row["task"] == "sudoku":
+        return f"sudoku {row['puzzle']}"
+    raise ValueError(f"unknown task {row.get('task')!r}")
+
+
+def organizer_prompt(question, hint=None):
+    """The organizer's prompt; `hint` is an optional structure, e.g. 'F1 F2 J1 F3 J2 J3'."""
+    return f"{ORGANIZER}{question}\n" + (f"plan {hint}\n" if hint else "")
+
+
+def worker_prompt(sub_query):
+    return f"{WORKER}{sub_query}\n"
+
+
+def sample_structure(rng: random.Random, n_forks, capacity):
+    """A random valid organizer action sequence ("structure initialization" in the paper):
+    n_forks forks, each joined later, never more than capacity-1 outstanding at once.
+
+    >>> sample_structure(random.Random(0), 3, 3)
+    ['F1', 'J1', 'F2', 'F3', 'J3', 'J2']
+    """
+    actions, outstanding, next_id = [], [], 1
+    while next_id <= n_forks or outstanding:
+        can_fork = next_id <= n_forks and len(outstanding) < capacity - 1
+        if can_fork and (not outstanding or rng.random() < 0.5):
+            actions.append(f"F{next_id}"); outstanding.append(next_id); next_id += 1
+        else:  # join one outstanding worker, usually the oldest
+            j = outstanding.pop(0 if rng.random() < 0.7 else rng.randrange(len(outstanding)))
+            actions.append(f"J{j}")
+    return actions
+
+
+# -----------------------------------------------------------------------------
+# Parsing and validating a trajectory
+
+# The named format errors. Each error in a parse is "<name>: <detail>".
+DUPLICATE_ID = "duplicate-id"        # <FORK-i> with an id this organizer already used
+POOL_OVERFLOW = "pool-overflow"      # a fork while c-1 workers are forked and not yet joined
+UNKNOWN_JOIN = "unknown-join"        # <JOIN-i> of an id never forked (or joined twice)
+UNJOINED_FORK = "unjoined-fork"      # a fork never joined before the answer
+WRONG_ROLE = "wrong-role"            # e.g. <FORK-i> inside a worker, <RETURN> in the organizer
+UNCLOSED_FORK = "unclosed-fork"      # <FORK-i> without its </FORK-i> (or another tag inside it)
+STRAY_TAG = "stray-tag"              # a closing tag without its opening, or a prompt marker
+MISSING_RETURN = "missing-return"    # a worker without <RETURN>...</RETURN>
+MISSING_ANSWER = "missing-answer"    # an organizer without <ANSWER>...</ANSWER>
+BAD_ANSWER = "bad-answer"            # an answer that does not parse for the task
+ERROR_NAMES = (DUPLICATE_ID, POOL_OVERFLOW, UNKNOWN_JOIN, UNJOINED_FORK, WRONG_ROLE,
+               UNCLOSED_FORK, STRAY_TAG, MISSING_RETURN, MISSING_ANSWER, BAD_ANSWER)
+
+
+@dataclass
+class Event:
+    kind: str  # "fork" or "join"
+    id: int    # the i of <FORK-i> / <JOIN-i>
+    pos: int   # this thread's generated tokens up to and including </FORK-i> or <JOIN-i>
+
+
+@dataclass
+class Thread:
+    """One thread of a trajectory, parsed. `generated` counts decode steps: tokens the model
+    produced, not the ones the executor injected after a <JOIN-i>."""
+    role: str                                     # "organizer" or "worker"
+    generated: int = 0
+    events: list = field(default_factory=list)    # Event, in order
+    sub_queries: dict = field(default_factory=dict)  # fork id -> sub-query text
+    result: str | None = None                     # the <ANSWER> or <RETURN> text
+    children: dict = field(default_factory=dict)  # fork id -> Thread (the workers it forked)
+
+
+def parse_thread(ids, tok: Tokenizer, role, capacity, errors):
+    """Parse one thread's output ids (prompt excluded) into a Thread, appending named errors."""
+    th = Thread(role)
+    forked, outstanding = set(), set()
+    open_fork, query = None, []   # inside <FORK-i> ... </FORK-i>
+    injecting = None              # inside the executor's "takeaway</JOIN-i>" after <JOIN-i>
+    result_kind, result = None, None  # inside <ANSWER> or <RETURN>
+    for t in ids:
+        t = int(t)
+        kind, i = tok.tag(t) or ("text", 0)
+        if injecting is not None:  # injected tokens are free: not decode steps
+            if (kind, i) == ("join_end", injecting):
+                injecting = None
+            continue
+        th.generated += 1
+        if open_fork is not None:
+            if kind == "text":
+                query.append(t)
+            elif (kind, i) == ("fork_end", open_fork):
+                th.events.append(Event("fork", open_fork, th.generated))
+                th.sub_queries[open_fork] = tok.decode(query)
+                open_fork = None
+            else:
+                errors.append(f"{UNCLOSED_FORK}: <FORK-{open_fork}> interrupted by a tag")
+                open_fork = None
+            continue
+        if result_kind is not None:
+            end = "answer_end" if result_kind == "answer" else "return_end"
+            if kind == "text":
+                result.append(t)
+                continue
+            if kind == end:
+                th.result = tok.decode(result)
+                break  # the thread is over; the executor stops decoding it here
+            errors.append(f"{STRAY_TAG}: tag inside <{result_kind.upper()}>")
+            break
+        if kind == "text":
+            continue
+        if kind in ("fork", "join", "answer") and role == "worker":
+            errors.append(f"{WRONG_ROLE}: {kind} tag in a worker")
+            continue
+        if kind == "return" and role == "organizer":
+            errors.append(f"{WRONG_ROLE}: <RETURN> in the organizer")
+            continue
+        if kind == "fork":
+            if i in forked:
+                errors.append(f"{DUPLICATE_ID}: <FORK-{i}> used twice")
+            elif len(outstanding) >= capacity - 1:
+                errors.append(f"{POOL_OVERFLOW}: <FORK-{i}> while {len(outstanding)} workers run (c={capacity})")
+            forked.add(i); outstanding.add(i)
+            open_fork, query = i, []
+        elif kind == "join":
+            if i not in outstanding:
+                errors.append(f"{UNKNOWN_JOIN}: <JOIN-{i}> of a worker not running")
+            else:
+                th.events.append(Event("join", i, th.generated))
+                outstanding.discard(i)
+            injecting = i
+        elif kind in ("answer", "return"):
+            result_kind, result = kind, []
+        else:
+            errors.append(f"{STRAY_TAG}: {tok.decode([t])} generated")
+    if open_fork is not None:
+        errors.append(f"{UNCLOSED_FORK}: <FORK-{open_fork}> never closed")
+    if th.result is None:
+        errors.append(f"{MISSING_ANSWER}: no <ANSWER>...</ANSWER>" if role == "organizer"
+                      else f"{MISSING_RETURN}: no <RETURN>...</RETURN>")
+    elif outstanding:
+        errors.append(f"{UNJOINED_FORK}: " + ", ".join(f"<FORK-{i}>" for i in sorted(outstanding))
+                      + " not joined before the answer")
+    return th
+
+
+@dataclass
+class Trajectory:
+    organizer: Thread
+    errors: list      # named format errors, "<name>: <detail>"
+    answers: list     # the parsed final answers (strings), [] if none
+
+
+def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None):
+    """Parse a whole trajectory: the organizer's output ids (injected join results included) and
+    each worker's output ids by fork id. Prompts are not part of the ids.
+
+    Workers are attached to the fork that started them; a worker whose fork never closed is
+    ignored. With `task` ('countdown' or 'sudoku') the answer must parse for that task.
+    """
+    errors = []
+    org = parse_thread(organizer_ids, tok, "organizer", capacity, errors)
+    for ev in org.events:
+        if ev.kind == "fork" and ev.id in worker_ids:
+            org.children[ev.id] = parse_thread(worker_ids[ev.id], tok, "worker", capacity, errors)
+    answers = []
+    if org.result is not None and task is not None:
+        answers = parse_answer(org.result, task)
+        if answers is None:
+            errors.append(f"{BAD_ANSWER}: {org.result[:40]!r} is not a {task} answer")
+            answers = []
+    return Trajectory(org, errors, answers)
+
+
+def parse_text(organizer_text, worker_texts: dict, tok: Tokenizer, capacity=4, task=None):
+    """`parse` for hand-written text (tests, notebooks)."""
+    return parse(tok.encode(organizer_text), {i: tok.encode(t) for i, t in worker_texts.items()},
+                 tok, capacity, task)
+
+
+def error_names(errors):
+    return [e.split(":", 1)[0] for e in errors]
+
+
+ANSWER_SEPARATOR = ", "
+_EXPRESSION = re.compile(r"^[0-9+\-*/() ]+$")
+
+
+def parse_answer(text, task):
+    """The answer's parts, or None if it does not parse: countdown answers are expressions
+    separated by ', '; a sudoku answer is 16 digits 1-4 (row-major).
+
+    >>> parse_answer("5+3+2, 7+3", "countdown")
+    ['5+3+2', '7+3']
+    >>> parse_answer("1234341221434321", "sudoku")
+    ['1234341221434321']
+    """
+    text = text.strip()
+    if task == "countdown":
+        parts = [p.strip() for p in text.split(",")]
+        ok = parts and all(p and _EXPRESSION.match(p) and any(c.isdigit() for c in p) for p in parts)
+        return parts if ok else None
+    if task == "sudoku":
+        return [text] if re.fullmatch(r"[1-4]{16}", text) else None
+    raise ValueError(f"unknown task {task!r}")
+
+
+# -----------------------------------------------------------------------------
+# Latency and concurrency: the reference, as pure functions of a parsed trajectory
+
+@dataclass
+class Span:
+    """One thread on the timeline. Steps are global decode steps, numbered from 1."""
+    name: str             # "organizer", "worker 3", "worker 3.1" (nested)
+    fork_step: int        # the step at which its fork closed (0 for the organizer)
+    finish: int           # the step of its last decode
+    join_step: int | None  # the step at which its parent's <JOIN-i> was decoded
+    tokens: int           # decode steps of its own
+    active: list          # [(first_step, last_step)] intervals it decoded in
+
+
+def timeline(traj: Trajectory):
+    """Schedule every thread as the protocol defines it and return the spans, organizer first.
+
+    Every thread decodes one token per step; a forked worker starts decoding the step after its
+    </FORK-i>; an organizer at <JOIN-i> pauses until that worker has finished, then continues;
+    injected tokens cost nothing. Worked example: the organizer forks at its token 3, joins at
+    token 5 and ends at token 8; the worker has 10 tokens. Worker: steps 4..13. Organizer: steps
+    1..5, waits, 14..16. Latency 16; active thread-steps 8 + 10 = 18; eta = 18/16.
+    """
+    spans = []
+
+    def run(thread, name, start, fork_step):
+        span = Span(name, fork_step, start, None, thread.generated, [])
+        spans.append(span)
+        t, done, finish_of, child_span = start, 0, {}, {}
+        def decode(n):  # decode n more tokens of this thread, from step t+1
+            nonlocal t
+            if span.active and span.active[-1][1] == t:  # no wait since the last run: extend it
+                span.active[-1] = (span.active[-1][0], t + n)
+            else:
+                span.active.append((t + 1, t + n))
+            t += n
+
+        for ev in thread.events:
+            if ev.pos > done:
+                decode(ev.pos - done)
+                done = ev.pos
+            if ev.kind == "fork" and ev.id in thread.children:
+                child_name = f"worker {ev.id}" if thread.role == "organizer" else f"{name}.{ev.id}"
+                child_span[ev.id] = run(thread.children[ev.id], child_name, t, t)
+                finish_of[ev.id] = child_span[ev.id].finish
+            elif ev.kind == "join":
+                t = max(t, finish_of.get(ev.id, t))
+                if ev.id in child_span:
+                    child_span[ev.id].join_step = t
+        if thread.generated > done:
+            decode(thread.generated - done)
+        span.finish = t
+        return span
+
+    run(traj.organizer, "organizer", 0, 0)
+    return spans
+
+
+def critical_path(traj: Trajectory):
+    """Latency: decode steps until the organizer's last token (the critical path)."""
+    return timeline(traj)[0].finish
+
+
+def concurrency(traj: Trajectory):
+    """eta = (1/T) * sum over steps t <= T of the number of threads decoding at t."""
+    spans = timeline(traj)
+    T = spans[0].finish
+    if T == 0:
+        return 0.0
+    busy = sum(max(0, min(b, T) - a + 1) for s in spans for a, b in s.active)
+    return busy / T
+
+
+def structure(traj: Trajectory):
+    """The organizer's action sequence, e.g. 'F1 F2 J1 J2' (the language of structure hints)."""
+    return " ".join(("F" if ev.kind == "fork" else "J") + str(ev.id) for ev in traj.organizer.events)
