@@ -34,7 +34,10 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import tempfile
+
 import tiktoken
+import tiktoken.load
 
 # -----------------------------------------------------------------------------
 # Tags and the tokenizer
@@ -124,12 +127,13 @@ def load_gpt2_tokenizer(folder, max_forks=MAX_FORKS):
     encoder_json, merges = first("encoder.json", "vocab.json"), first("vocab.bpe", "merges.txt")
     with open(merges, encoding="utf-8") as f:
         text = f.read()
-    if not text.endswith("\n"):  # tiktoken's loader drops the last line, expecting a newline there
-        import tempfile
-        fd, merges = tempfile.mkstemp(suffix=".bpe")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    if text.endswith("\n"):
+        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges, encoder_json)
+    else:  # tiktoken's loader drops the last line, expecting a newline there: give it one
+        with tempfile.NamedTemporaryFile("w", suffix=".bpe", encoding="utf-8") as f:
             f.write(text + "\n")
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(merges, encoder_json)
+            f.flush()
+            ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(f.name, encoder_json)
     eot = len(ranks)
     specials = {"<|endoftext|>": eot}
     specials.update({name: eot + 1 + j for j, name in enumerate(special_token_names(max_forks))})
@@ -337,7 +341,7 @@ _EXPRESSION = re.compile(r"^[0-9+\-*/() ]+$")
 
 def parse_answer(text, task):
     """The answer's parts, or None if it does not parse: countdown answers are expressions
-    separated by ', '; a sudoku answer is 16 digits 1-4 (row-major).
+    separated by ', ' ('none' for no expression); a sudoku answer is 16 digits 1-4 (row-major).
 
     >>> parse_answer("5+3+2, 7+3", "countdown")
     ['5+3+2', '7+3']
@@ -346,6 +350,8 @@ def parse_answer(text, task):
     """
     text = text.strip()
     if task == "countdown":
+        if text == "none":  # nothing found: a valid, empty answer
+            return []
         parts = [p.strip() for p in text.split(",")]
         ok = parts and all(p and _EXPRESSION.match(p) and any(c.isdigit() for c in p) for p in parts)
         return parts if ok else None

@@ -1,0 +1,364 @@
+"""
+A GPT-2-shaped decoder-only transformer, plus the KV cache an AsyncThink executor
+drives to decode many threads (organizer and workers) in one batch.
+
+Read top to bottom:
+  1. GPTConfig and the named presets (tiny / small / gpu).
+  2. The model: attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
+     position embeddings, input and output embeddings tied, GELU (tanh form,
+     exactly as GPT-2, so a Hugging Face checkpoint gives identical logits).
+  3. KVCache: one preallocated tensor of keys and one of values, split into
+     "slots". Each slot holds one token sequence, and each slot is at its own
+     position. GPT.forward_cached appends tokens to some slots and returns logits.
+  4. GPT.from_pretrained: load a GPT-2 checkpoint in Hugging Face format.
+
+Sampling lives in the executor; `generate` here is a small convenience for notebooks.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int  # longest sequence the position embedding covers
+    n_layer: int
+    n_head: int
+    n_embd: int
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
+    layer_norm_eps: float = 1e-5  # GPT-2's value
+
+    @classmethod
+    def preset(cls, name, vocab_size, **overrides):
+        """GPTConfig.preset('small', vocab_size=300) -> a config from PRESETS."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
+
+
+# Parameter counts with vocab_size=300 (embeddings included, tied weights counted once):
+#   tiny ~0.04M (unit tests), small ~2.0M (CPU default), gpu ~26.5M (one GPU).
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
+    "small": dict(n_layer=4, n_head=4, n_embd=192, block_size=1024),
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention. One Linear (c_attn) makes queries, keys and values
+    for all heads at once; c_proj mixes the heads' outputs back into the residual.
+
+    forward():        the whole sequence at once, causal (training, scoring).
+    forward_cached(): new tokens only; their keys/values are written into the cache
+                      and the queries attend to everything the slot holds so far.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def qkv(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        shape = (B, T, self.n_head, C // self.n_head)
+        return q.view(shape), k.view(shape), v.view(shape)  # each (B, T, nh, hd)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask):
+        """x (B, T, C) new tokens; k_cache, v_cache (n_slots, max_len, nh, hd) are this
+        layer's cache; slots (B,); pos (B, T) absolute positions of the new tokens;
+        mask (B, 1, T, L) True where a query may look at a key."""
+        B, T, C = x.size()
+        q, k, v = self.qkv(x)
+        # 1. write the new keys/values at their positions in their slots
+        k_cache[slots[:, None], pos] = k
+        v_cache[slots[:, None], pos] = v
+        # 2. read back each slot's first L positions (old prefix + the new tokens)
+        L = mask.size(-1)
+        k_all, v_all = k_cache[slots, :L], v_cache[slots, :L]  # (B, L, nh, hd)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask):
+        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, slots, pos, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied embeddings: reading a token in and predicting it out share one matrix.
+        self.transformer.wte.weight = self.lm_head.weight
+        # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write
+        # into the residual stream scaled by 1/sqrt(2 * n_layer), because each layer
+        # adds two of them and the residual's variance would otherwise grow with depth.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """All parameters; the tied embedding matrix is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, reduction="mean"):
+        """idx (B, T) token ids -> logits (B, T, V).
+        With targets (B, T) -> (logits, loss). Targets equal to -1 are ignored.
+        reduction='none' gives the per-token loss (B, T), i.e. minus the log-probability
+        of each target token (0 at ignored positions), which RL needs."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T),
+                               ignore_index=-1, reduction=reduction)
+        if reduction == "none":
+            loss = loss.view(B, T)
+        return logits, loss
+
+    # ---------------------------------------------------------------- KV cache
+    def new_cache(self, n_slots, max_len=None, device=None, dtype=None):
+        """A KVCache for this model, by default on the model's device and dtype."""
+        p = self.lm_head.weight
+        return KVCache(self.config, n_slots, max_len, device or p.device, dtype or p.dtype)
+
+    def forward_cached(self, idx, cache, slots, n_new=None):
+        """Append tokens to some cache slots and return their logits.
+
+        idx (B, T): new tokens, row b goes to slot slots[b] (slots: (B,) long, distinct).
+        T=1 is one decode step for B threads at different lengths; T>1 is a prefill,
+        also into a slot that already holds tokens. Rows of different true lengths are
+        right-padded; n_new (B,) gives each row's true count (default: all T). Every
+        row's T positions are written, but its length only advances by n_new[b], so the
+        padding sits beyond the slot's length and is overwritten by the next append.
+
+        The new token j of row b sits at position p = lengths[slot] + j. It may look at
+        key position k iff k <= p. That one rule gives both the causal mask aligned to
+        the bottom right (all of the cached prefix, and new tokens 0..j) and hides
+        whatever stale data lies beyond the slot's length.
+        Returns logits (B, T, V); logits at padded positions are meaningless.
+        Meant for inference: call model.eval() (no dropout) and wrap in torch.no_grad().
+        """
+        B, T = idx.size()
+        slots = torch.as_tensor(slots, dtype=torch.long, device=cache.lengths.device)
+        if slots.shape != (B,):
+            raise ValueError(f"slots must have shape ({B},), got {tuple(slots.shape)}")
+        if slots.unique().numel() != B:
+            raise ValueError(f"a slot is listed twice in one forward_cached call: {slots.tolist()}")
+        if int(slots.min()) < 0 or int(slots.max()) >= cache.n_slots:
+            raise ValueError(f"slot index out of range [0, {cache.n_slots}): {slots.tolist()}")
+        if n_new is None:
+            n_new = torch.full((B,), T, dtype=torch.long, device=slots.device)
+        n_new = torch.as_tensor(n_new, dtype=torch.long, device=slots.device)
+        if int(n_new.min()) < 0 or int(n_new.max()) > T:
+            raise ValueError(f"n_new must lie in [0, {T}], got {n_new.tolist()}")
+        start = cache.lengths[slots]  # (B,)
+        L = int((start + T).max())  # longest key range any row needs
+        if L > cache.max_len:
+            raise ValueError(f"KV cache overflow: appending {T} tokens to slots {slots.tolist()} "
+                             f"with lengths {start.tolist()} exceeds max_len {cache.max_len}")
+
+        pos = start[:, None] + torch.arange(T, device=slots.device)  # (B, T)
+        key_pos = torch.arange(L, device=slots.device)  # (L,)
+        mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
+        pos, mask = pos.to(idx.device), mask.to(idx.device)
+
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        cache.lengths[slots] = start + n_new
+        return logits
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Notebook convenience: plain sampling without a cache (the executor owns real decoding)."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ------------------------------------------------------------ pretrained
+    @classmethod
+    def from_pretrained(cls, path, vocab_size=None):
+        """Load a Hugging Face GPT-2 checkpoint from a local folder holding config.json
+        and model.safetensors (or pytorch_model.bin).
+
+        HF's GPT-2 stores its Linear layers as "Conv1D" with weight shape (in, out), so
+        those four weights per block are transposed. If vocab_size is larger than the
+        checkpoint's (new special tokens, e.g. AsyncThink's <FORK>/<JOIN> tags), the tied
+        embedding grows and each new row starts as the mean of the existing rows: an
+        "average token", so the new tokens begin with ordinary-sized logits and
+        activations instead of random noise or zeros.
+        """
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"pretrained folder not found: {path}")
+        config_file = os.path.join(path, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"no config.json in pretrained folder {path}")
+        with open(config_file) as f:
+            hf = json.load(f)
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"unsupported activation_function {hf['activation_function']!r} in {config_file}")
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            from safetensors.torch import load_file
+            sd_hf = load_file(os.path.join(path, "model.safetensors"))
+        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
+
+        ckpt_vocab = hf["vocab_size"]
+        vocab_size = vocab_size or ckpt_vocab
+        if vocab_size < ckpt_vocab:
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the checkpoint's {ckpt_vocab}")
+        config = GPTConfig(vocab_size=vocab_size, block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True,
+                           layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        model = cls(config)
+        sd = model.state_dict()
+
+        # HF names, with the "transformer." prefix added where missing; skip the causal
+        # mask buffers and lm_head.weight (tied to wte).
+        src = {}
+        for k, v in sd_hf.items():
+            k = k if k.startswith("transformer.") or k.startswith("lm_head.") else "transformer." + k
+            if k.endswith(".attn.bias") or k.endswith(".attn.masked_bias") or k == "lm_head.weight":
+                continue
+            src[k] = v
+        want = set(sd) - {"lm_head.weight"}
+        if set(src) != want:
+            raise ValueError(f"checkpoint keys do not match GPT-2: missing {sorted(want - set(src))}, "
+                             f"unexpected {sorted(set(src) - want)}")
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in src.items():
+                if k.endswith(conv1d):
+                    v = v.t()
+                if k == "transformer.wte.weight":  # maybe grow: (ckpt_vocab, C) -> (vocab_size, C)
+                    v = torch.cat([v, v.mean(dim=0, keepdim=True).expand(vocab_size - ckpt_vocab, -1)])
+                if v.shape != sd[k].shape:
+                    raise ValueError(f"shape mismatch for {k}: checkpoint {tuple(v.shape)}, "
+                                     f"model {tuple(sd[k].shape)}")
+                sd[k].copy_(v)
+        return model
+
+
+class KVCache:
+    """Keys and values of already-processed tokens, so decoding a token costs one
+    forward over that token instead of over the whole sequence.
+
+    k, v: (n_layer, n_slots, max_len, n_head, head_dim), preallocated once.
+    lengths: (n_slots,) long, how many positions of each slot are valid.
+    A slot is one token sequence (one AsyncThink thread); slots are independent and
+    each is at its own length. Positions at or beyond a slot's length hold stale data
+    that attention never looks at.
+
+    Memory: 2 (k and v) * n_layer * n_slots * max_len * n_embd * bytes_per_elem, e.g.
+    the 'small' preset with 64 slots of 1024 tokens in float32 is 2*4*64*1024*192*4 = 384 MiB.
+    """
+
+    def __init__(self, config, n_slots, max_len=None, device=None, dtype=None):
+        max_len = max_len or config.block_size
+        if max_len > config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds the model's block_size {config.block_size}")
+        shape = (config.n_layer, n_slots, max_len, config.n_head, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+        self.v = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.n_slots, self.max_len = n_slots, max_len
+
+    def nbytes(self):
+        return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
+
+    def free(self, slot):
+        """Forget a slot's tokens; the slot can be reused for a new sequence."""
+        self.lengths[slot] = 0
+
+    def copy_prefix(self, src, dst, n):
+        """Make slot dst hold the first n tokens of slot src (e.g. a worker thread that
+        starts from the organizer's context). src == dst truncates the slot to n."""
+        if not 0 <= n <= int(self.lengths[src]):
+            raise ValueError(f"copy_prefix: n={n} but slot {src} holds {int(self.lengths[src])} tokens")
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.lengths[dst] = n
+
+    def reset(self):
+        """Free every slot."""
+        self.lengths.zero_()

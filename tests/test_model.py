@@ -1,0 +1,198 @@
+"""Oracle tests for model.py: the KV-cached path must give the same logits as a full
+uncached forward of the same sequence, and a Hugging Face GPT-2 checkpoint must give
+the same logits as transformers' own GPT2LMHeadModel."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig, KVCache, PRESETS  # noqa: E402
+
+V = 50
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64))
+    return m.eval()
+
+
+def full_logits(model, seq):
+    """Uncached oracle: logits (T, V) of one 1-D sequence."""
+    with torch.no_grad():
+        return model(seq[None])[0]
+
+
+def test_batched_decode_matches_full_forward(model):
+    g = torch.Generator().manual_seed(1)
+    prompt_lens = [1, 3, 6, 10]
+    n_steps = 8
+    seqs = [torch.randint(V, (n + n_steps,), generator=g) for n in prompt_lens]
+    cache = model.new_cache(n_slots=6, max_len=32)
+    slot_of = [4, 0, 5, 2]  # deliberately not 0..B-1
+    with torch.no_grad():
+        for s, seq, n in zip(slot_of, seqs, prompt_lens):  # prefill each prompt on its own
+            logits = model.forward_cached(seq[None, :n], cache, torch.tensor([s]))
+            torch.testing.assert_close(logits[0], full_logits(model, seq[:n]), **TOL)
+        slots = torch.tensor(slot_of)
+        for step in range(n_steps):  # one batched call per step, every slot at its own length
+            idx = torch.stack([seq[n + step] for seq, n in zip(seqs, prompt_lens)])[:, None]
+            logits = model.forward_cached(idx, cache, slots)  # (B, 1, V)
+            for b, (seq, n) in enumerate(zip(seqs, prompt_lens)):
+                torch.testing.assert_close(logits[b, 0], full_logits(model, seq[: n + step + 1])[-1], **TOL)
+    assert cache.lengths[slots].tolist() == [n + n_steps for n in prompt_lens]
+
+
+def test_multi_token_append_into_nonempty_slot(model):
+    seq = torch.randint(V, (12,), generator=torch.Generator().manual_seed(2))
+    cache = model.new_cache(n_slots=2, max_len=16)
+    with torch.no_grad():
+        model.forward_cached(seq[None, :5], cache, torch.tensor([1]))
+        logits = model.forward_cached(seq[None, 5:], cache, torch.tensor([1]))
+    torch.testing.assert_close(logits[0], full_logits(model, seq)[5:], **TOL)
+    assert cache.lengths.tolist() == [0, 12]
+
+
+def test_free_reuse_and_copy_prefix(model):
+    g = torch.Generator().manual_seed(3)
+    a, b, cont = torch.randint(V, (9,), generator=g), torch.randint(V, (4,), generator=g), torch.randint(V, (5,), generator=g)
+    cache = model.new_cache(n_slots=3, max_len=20)
+    with torch.no_grad():
+        model.forward_cached(a[None], cache, torch.tensor([0]))
+        cache.free(0)
+        assert int(cache.lengths[0]) == 0
+        logits = model.forward_cached(b[None], cache, torch.tensor([0]))  # shorter than the stale data
+        torch.testing.assert_close(logits[0], full_logits(model, b), **TOL)
+
+        model.forward_cached(a[None], cache, torch.tensor([1]))
+        cache.copy_prefix(1, 2, 6)  # slot 2 := first 6 tokens of a
+        assert int(cache.lengths[2]) == 6
+        for i, tok in enumerate(cont):  # decode a different continuation in the copy
+            logits = model.forward_cached(tok.view(1, 1), cache, torch.tensor([2]))
+            ref = full_logits(model, torch.cat([a[:6], cont[: i + 1]]))[-1]
+            torch.testing.assert_close(logits[0, 0], ref, **TOL)
+        # the source slot is untouched: continue it and compare
+        logits = model.forward_cached(cont[None, :2], cache, torch.tensor([1]))
+        torch.testing.assert_close(logits[0], full_logits(model, torch.cat([a, cont[:2]]))[-2:], **TOL)
+    with pytest.raises(ValueError):
+        cache.copy_prefix(0, 1, 99)
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0, 0]
+
+
+def test_batched_prefill_with_right_padding(model):
+    g = torch.Generator().manual_seed(4)
+    cache = model.new_cache(n_slots=3, max_len=24)
+    prefix = torch.randint(V, (4,), generator=g)
+    with torch.no_grad():
+        model.forward_cached(prefix[None], cache, torch.tensor([1]))  # slot 1 already holds 4 tokens
+        news = [torch.randint(V, (n,), generator=g) for n in (7, 3, 5)]
+        T = max(len(x) for x in news)
+        idx = torch.full((3, T), 7, dtype=torch.long)  # pad token 7: any id will do
+        for i, x in enumerate(news):
+            idx[i, : len(x)] = x
+        slots, n_new = torch.tensor([0, 1, 2]), torch.tensor([len(x) for x in news])
+        logits = model.forward_cached(idx, cache, slots, n_new=n_new)
+        olds = [torch.tensor([], dtype=torch.long), prefix, torch.tensor([], dtype=torch.long)]
+        for i, (old, x) in enumerate(zip(olds, news)):
+            torch.testing.assert_close(logits[i, : len(x)], full_logits(model, torch.cat([old, x]))[len(old):], **TOL)
+        assert cache.lengths.tolist() == [7, 4 + 3, 5]
+        # next decode step: padding written beyond each length must not leak in
+        nxt = torch.randint(V, (3,), generator=g)
+        logits = model.forward_cached(nxt[:, None], cache, slots)
+        for i, (old, x) in enumerate(zip(olds, news)):
+            ref = full_logits(model, torch.cat([old, x, nxt[i : i + 1]]))[-1]
+            torch.testing.assert_close(logits[i, 0], ref, **TOL)
+
+
+def test_bad_cache_use_is_loud(model):
+    cache = model.new_cache(n_slots=2, max_len=8)
+    with torch.no_grad():
+        model.forward_cached(torch.zeros(1, 6, dtype=torch.long), cache, torch.tensor([0]))
+        with pytest.raises(ValueError, match="overflow"):
+            model.forward_cached(torch.zeros(1, 3, dtype=torch.long), cache, torch.tensor([0]))
+        with pytest.raises(ValueError, match="twice"):
+            model.forward_cached(torch.zeros(2, 1, dtype=torch.long), cache, torch.tensor([1, 1]))
+    assert cache.lengths.tolist() == [6, 0]  # failed calls change nothing
+    with pytest.raises(ValueError):
+        model.new_cache(n_slots=1, max_len=65)  # beyond block_size 64
+    c = model.config
+    assert cache.nbytes() == 2 * c.n_layer * 2 * 8 * c.n_embd * 4
+    assert KVCache(c, n_slots=3, max_len=5).k.shape == (c.n_layer, 3, 5, c.n_head, c.n_embd // c.n_head)
+
+
+def test_per_token_loss(model):
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(V, (3, 10), generator=g)
+    targets = torch.randint(V, (3, 10), generator=g)
+    targets[0, :4] = -1
+    targets[2, 7:] = -1
+    logits, loss = model(idx, targets, reduction="none")
+    assert loss.shape == (3, 10)
+    logp = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    expected = torch.where(targets == -1, torch.zeros_like(logp), -logp)
+    torch.testing.assert_close(loss, expected, **TOL)
+    _, mean_loss = model(idx, targets)
+    torch.testing.assert_close(mean_loss, expected.sum() / (targets != -1).sum(), **TOL)
+
+
+def make_hf(tmp_path, fmt):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(6)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
+                                  bos_token_id=0, eos_token_id=0,
+                                  initializer_range=0.3)  # large weights: exact vs tanh GELU would differ
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    if fmt == "safetensors":
+        hf.save_pretrained(tmp_path)
+    else:  # pytorch_model.bin, with keys lacking the "transformer." prefix (an old style)
+        cfg.save_pretrained(tmp_path)
+        sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+        torch.save(sd, tmp_path / "pytorch_model.bin")
+    return hf
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_pretrained_matches_hf(tmp_path, fmt):
+    hf = make_hf(tmp_path, fmt)
+    assert (tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")).exists()
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(100, (2, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+    big = GPT.from_pretrained(str(tmp_path), vocab_size=110).eval()
+    assert big.config.vocab_size == 110
+    with torch.no_grad():
+        torch.testing.assert_close(big(idx)[..., :100], hf(idx).logits, atol=1e-4, rtol=1e-4)
+    wte = big.transformer.wte.weight
+    assert big.lm_head.weight is wte
+    torch.testing.assert_close(wte[100:], wte[:100].mean(0).expand(10, -1))
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path))
+    make_hf(tmp_path, "safetensors")
+    with pytest.raises(ValueError, match="smaller"):
+        GPT.from_pretrained(str(tmp_path), vocab_size=50)
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_presets():
+    with torch.device("meta"):  # shapes only, no memory or init time
+        counts = {name: GPT(GPTConfig.preset(name, vocab_size=300)).num_params() for name in PRESETS}
+    assert 1_000_000 <= counts["small"] <= 3_000_000, counts
+    assert counts["tiny"] < counts["small"] < counts["gpu"]
+    with pytest.raises(ValueError, match="tiny"):
+        GPTConfig.preset("huge", vocab_size=300)

@@ -1,0 +1,486 @@
+"""
+Synthetic organizer/worker traces for the cold-start format SFT.
+
+The paper had GPT-4o write traces; here small solvers write them, so every line of arithmetic in
+a trace is true. Three thinking modes share the same building block, an ATTEMPT: a first step,
+then the search for a completion written out step by step.
+
+Countdown, worked example (numbers 3 7 12 19 21 25, target 48, k = 4). One attempt at the
+first step 25-7 reads
+
+    25-7=18              the first step and its value
+    +30: 12+21=33 33-3=30   48 = 18 + 30; make 30 from what is left, one step per operation
+    -> 25-7+12+21-3      the whole expression (or "-> none" when no completion is found)
+
+The relations tried are `+R` (R = target - v), `-R` (R = v - target), `*R` (R = target / v) and
+`/R` (R = v / target), whichever apply, until one has a completion. Short threads with explicit
+arithmetic are learnable by a small model; long hidden searches are not (see the issue's probe).
+
+* sequential: the organizer alone writes attempts one after another ("try 25-7\n" + attempt)
+  and keeps a tally ("ok 2", "dup", "no") until it has k distinct answers or its budget ends.
+* parallel: the organizer forks the whole question to N workers; each does the sequential search
+  in its own order and returns what it found; the organizer joins all and answers the union.
+* async: the organizer decomposes the search by FIRST STEP: each sub-query is one first step
+  with the remaining numbers and the target ("25-7 then 3 12 19 21 to 48"), a worker writes one
+  attempt and returns the expression or "none". The organizer keeps up to c-1 workers running
+  (fork, fork, fork, join, fork, join, ...), tallies each join ("ok 2" new, "dup" same solution
+  as before, "no"), stops forking once it has k, and answers. With probability `hint_share` the
+  trace follows a random action sequence written into the prompt ("plan F1 F2 J1 ...") instead:
+  structure initialization, so the model learns many topologies, not one.
+
+    <ORGANIZER>countdown 4 of 3 7 12 19 21 25 to 48
+    <FORK-1>25-7 then 3 12 19 21 to 48</FORK-1><FORK-2>...</FORK-2><FORK-3>...</FORK-3>
+    <JOIN-1>25-7+12+21-3</JOIN-1> ok 1
+    <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
+    ...
+    <ANSWER>25-7+12+21-3, ..., ..., ...</ANSWER>
+
+Sudoku 4x4 (cells r1c1..r4c4, grid row-major, '.' blank). An attempt fills one UNIT (a row):
+for each blank cell it writes the digits the cell's row, column and box exclude and what is
+left, "r2c3 x124 =3" (3 is forced) or "r2c3 x14 ?" (still open). Async forks one worker per row
+with blanks, joins them, writes the merged grid ("grid 12.4....") and repeats rounds until the
+grid is full. Sequential does the same rows itself; parallel forks the whole puzzle to N workers
+(each solving it sequentially, rows in its own order) and answers the majority grid.
+
+Traces need not be optimal: attempts are budgeted and may fail, which leaves RL work to do.
+"""
+
+import random
+from dataclasses import dataclass
+
+import protocol as P
+import tasks
+
+# -----------------------------------------------------------------------------
+# Countdown: one attempt
+
+def _top_op(expr):
+    """The operator at the top level of an expression string, or None for a number."""
+    depth = 0
+    for ch in reversed(expr):  # the last top-level +/- binds loosest, else the last * or /
+        depth += ch == ")"
+        depth -= ch == "("
+        if depth == 0 and ch in "+-":
+            return ch
+    depth = 0
+    for ch in reversed(expr):
+        depth += ch == ")"
+        depth -= ch == "("
+        if depth == 0 and ch in "*/":
+            return ch
+    return None
+
+
+def combine(left, op, right):
+    """Join two expressions with an operator, with the parentheses the value needs.
+
+    >>> combine("25-7", "+", "12+21-3"), combine("25-7", "*", "3"), combine("48", "/", "4*3")
+    ('25-7+12+21-3', '(25-7)*3', '48/(4*3)')
+    """
+    lo, ro = _top_op(left), _top_op(right)
+    if op in "*/" and lo in ("+", "-"):
+        left = f"({left})"
+    if (op == "-" and ro in ("+", "-")) or (op == "*" and ro in ("+", "-")) or (op == "/" and ro):
+        right = f"({right})"
+    return f"{left}{op}{right}"
+
+
+def apply(a, op, b):
+    """a op b if every rule holds (positive integer result), else None."""
+    if op == "+":
+        return a + b
+    if op == "*":
+        return a * b
+    if op == "-":
+        return a - b if a > b else None
+    return a // b if b > 0 and a % b == 0 else None
+
+
+def first_steps(numbers):
+    """Every first step a op b (a >= b for + and *, so each is listed once) with its value."""
+    steps = []
+    for i, a in enumerate(numbers):
+        for j, b in enumerate(numbers):
+            if i == j:
+                continue
+            for op in "+-*/":
+                if op in "+*" and a < b:
+                    continue
+                v = apply(a, op, b)
+                if v is not None:
+                    steps.append((a, op, b, v))
+    return steps
+
+
+def make_number(values, goal, max_steps=3):
+    """The shortest list of steps [(a, op, b, c), ...] that makes `goal` from some of `values`
+    (each at most once), or None. [] means goal is itself one of the values."""
+    if goal in values:
+        return []
+    frontier = [(tuple(sorted(values)), [])]
+    for _ in range(max_steps):
+        nxt = []
+        for vals, steps in frontier:
+            for i in range(len(vals)):
+                for j in range(len(vals)):
+                    if i == j:
+                        continue
+                    for op in "+-*/":
+                        if op in "+*" and vals[i] < vals[j]:
+                            continue
+                        c = apply(vals[i], op, vals[j])
+                        if c is None:
+                            continue
+                        step = steps + [(vals[i], op, vals[j], c)]
+                        if c == goal:
+                            return step
+                        rest = [v for k, v in enumerate(vals) if k not in (i, j)] + [c]
+                        nxt.append((tuple(sorted(rest)), step))
+        frontier = nxt
+    return None
+
+
+def steps_to_expression(steps, values):
+    """Rebuild one expression from steps: a value made by an earlier step stands for its
+    expression. >>> steps_to_expression([(12,'+',21,33),(33,'-',3,30)], [3,12,19,21]) -> '12+21-3'"""
+    made = []  # (value, expression) of intermediate results not yet used
+    for a, op, b, c in steps:
+        parts = []
+        for x in (a, b):
+            k = next((k for k, (v, _) in enumerate(made) if v == x), None)
+            parts.append(made.pop(k)[1] if k is not None else str(x))
+        made.append((c, combine(parts[0], op, parts[1])))
+    return made[-1][1]
+
+
+def countdown_attempt(first, rest, target, max_steps=2):
+    """One attempt: (text, expression or None). `first` is (a, op, b, v)."""
+    a, op, b, v = first
+    head = f"{a}{op}{b}"
+    lines = [f"{head}={v}"]
+    if v == target:
+        lines.append(f"-> {head}")
+        return "\n".join(lines), head
+    relations = [("+", target - v, "+") if v < target else ("-", v - target, "-")]
+    if v > 1 and target % v == 0:
+        relations.append(("*", target // v, "*"))
+    if v > target and v % target == 0:
+        relations.append(("/", v // target, "/"))
+    for sign, goal, op in relations:
+        steps = make_number(rest, goal, max_steps)
+        if steps is None:
+            lines.append(f"{sign}{goal}: no")
+            continue
+        shown = " ".join(f"{x}{o}{y}={z}" for x, o, y, z in steps) if steps else f"have {goal}"
+        lines.append(f"{sign}{goal}: {shown}")
+        expr = combine(head, op, steps_to_expression(steps, rest) if steps else str(goal))
+        lines.append(f"-> {expr}")
+        return "\n".join(lines), expr
+    lines.append("-> none")
+    return "\n".join(lines), None
+
+
+def countdown_subquery(first, numbers, target):
+    a, op, b, _ = first
+    rest = list(numbers)
+    rest.remove(a)
+    rest.remove(b)
+    return f"{a}{op}{b} then {' '.join(map(str, rest))} to {target}", rest
+
+
+# -----------------------------------------------------------------------------
+# Sudoku: one attempt fills the forced cells of one row
+
+def sudoku_attempt(grid, row):
+    """Fill row `row` (0-based) of the grid where a cell has one candidate left.
+    Returns (text, {cell: digit}) with the cells it fixed."""
+    lines, fixed = [], {}
+    for cell in range(row * 4, row * 4 + 4):
+        if grid[cell] != ".":
+            continue
+        seen = sorted({grid[p] for p in tasks.PEERS[cell] if grid[p] != "."})
+        left = [d for d in "1234" if d not in seen]
+        name = f"r{row + 1}c{cell % 4 + 1}"
+        if len(left) == 1:
+            fixed[cell] = left[0]
+            lines.append(f"{name} x{''.join(seen)} ={left[0]}")
+        else:
+            lines.append(f"{name} x{''.join(seen)} ?")
+    result = " ".join(f"r{c // 4 + 1}c{c % 4 + 1}={d}" for c, d in fixed.items()) or "none"
+    return "\n".join(lines), fixed, result
+
+
+def fill(grid, fixed):
+    g = list(grid)
+    for cell, d in fixed.items():
+        g[cell] = d
+    return "".join(g)
+
+
+# -----------------------------------------------------------------------------
+# A trace: the organizer's and each worker's text, marked trained or not
+
+@dataclass
+class Trace:
+    """Each thread is a list of (text, trained) pieces: prompts and the text the executor would
+    inject after <JOIN-i> are not trained on; everything the model itself would write is."""
+    row: dict
+    mode: str
+    organizer: list
+    workers: dict  # fork id -> [(text, trained)]
+    answers: list
+
+    def threads(self):
+        return [self.organizer] + [self.workers[i] for i in sorted(self.workers)]
+
+    def sequences(self, tok: P.Tokenizer):
+        """[(ids, trained_mask)] per thread, ready for SFT (loss where the mask is True)."""
+        out = []
+        for pieces in self.threads():
+            ids, mask = [], []
+            for text, trained in pieces:
+                t = tok.encode(text)
+                ids += t
+                mask += [trained] * len(t)
+            out.append((ids, mask))
+        return out
+
+    def parse(self, tok: P.Tokenizer, capacity=4):
+        """The trajectory as the protocol sees it (prompts stripped), for checks and metrics."""
+        body = lambda pieces: "".join(text for text, _ in pieces[1:])
+        return P.parse_text(body(self.organizer), {i: body(w) for i, w in self.workers.items()},
+                            tok, capacity, task=self.row["task"])
+
+    def text(self):
+        out = "".join(t for t, _ in self.organizer)
+        for i in sorted(self.workers):
+            out += f"\n--- worker {i} ---\n" + "".join(t for t, _ in self.workers[i])
+        return out
+
+
+class Organizer:
+    """Writes an organizer thread: forks, joins (with the injected result), its own text."""
+
+    def __init__(self, prompt):
+        self.pieces, self.workers, self.results = [(prompt, False)], {}, {}
+
+    def say(self, text):
+        self.pieces.append((text, True))
+
+    def fork(self, i, sub_query, worker_text, result):
+        open_, close, _, _ = P.fork_tags(i)
+        self.say(f"{open_}{sub_query}{close}")
+        self.workers[i] = [(P.worker_prompt(sub_query), False),
+                           (f"{worker_text}\n{P.RETURN}{result}{P.RETURN_END}", True)]
+        self.results[i] = result
+
+    def join(self, i):
+        _, _, open_, close = P.fork_tags(i)
+        self.say(open_)
+        self.pieces.append((f"{self.results[i]}{close}", False))  # injected by the executor
+        return self.results[i]
+
+    def answer(self, parts):
+        self.say(f"{P.ANSWER}{P.ANSWER_SEPARATOR.join(parts) or 'none'}{P.ANSWER_END}")
+
+
+def run_structure(org: Organizer, n_tasks, capacity, actions=None, on_fork=None, on_join=None,
+                  done=lambda: False):
+    """Drive forks and joins: follow `actions` (a structure hint) if given, else keep up to
+    capacity-1 workers busy (fork, fork, fork, join, fork, ...) until `done()` or out of tasks."""
+    if actions is not None:
+        for a in actions:
+            (on_fork if a[0] == "F" else on_join)(int(a[1:]))
+        return
+    outstanding, next_id = [], 1
+    while True:
+        if next_id <= n_tasks and len(outstanding) < capacity - 1 and not done():
+            on_fork(next_id); outstanding.append(next_id); next_id += 1
+        elif outstanding:
+            on_join(outstanding.pop(0))
+        else:
+            return
+
+
+# -----------------------------------------------------------------------------
+# Countdown traces in the three modes
+
+def _tally(found, expr, numbers, target):
+    """Record an expression; the organizer's note: 'ok n' (new), 'dup' or 'no'."""
+    if expr is None:
+        return "no"
+    key = tasks.canonical(expr)
+    if key in found:
+        return "dup"
+    found[key] = expr
+    return f"ok {len(found)}"
+
+
+def countdown_search(numbers, target, k, order, budget):
+    """The sequential search: attempts in `order` until k distinct or the budget ends.
+    Returns (text, found) where found maps canonical -> expression."""
+    found, blocks = {}, []
+    for first in order[:budget]:
+        _, rest = countdown_subquery(first, numbers, target)
+        text, expr = countdown_attempt(first, rest, target)
+        blocks.append(f"{text} {_tally(found, expr, numbers, target)}")
+        if len(found) >= k:
+            break
+    return "\n".join(blocks), found
+
+
+def pair_attempts(a, b, numbers, target):
+    """A worker's job in async mode: every first step on the pair (a, b), one attempt each.
+    Returns (text, [expressions found])."""
+    rest = list(numbers)
+    rest.remove(a)
+    rest.remove(b)
+    blocks, found = [], []
+    for first in first_steps([a, b]):
+        text, expr = countdown_attempt(first, rest, target)
+        blocks.append(text)
+        if expr is not None:
+            found.append(expr)
+    return "\n".join(blocks), found
+
+
+def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_parallel=None,
+                    hint_share=0.5):
+    """budget: attempts (first steps) of the sequential thread and, split N ways, of the
+    parallel workers; the async organizer forks at most one worker per pair of numbers."""
+    numbers, target, k = row["numbers"], row["target"], row["k"]
+    question = P.question_text(row)
+    order = first_steps(numbers)
+    rng.shuffle(order)
+    if mode == "sequential":
+        text, found = countdown_search(numbers, target, k, order, budget)
+        answers = list(found.values())[:k]
+        answer = f"{P.ANSWER}{P.ANSWER_SEPARATOR.join(answers) or 'none'}{P.ANSWER_END}"
+        org = [(P.organizer_prompt(question), False), (f"{text}\n{answer}", True)]
+        return Trace(row, mode, org, {}, answers)
+
+    if mode == "parallel":
+        n = n_parallel or capacity - 1
+        org, found = Organizer(P.organizer_prompt(question)), {}
+        for i in range(1, n + 1):
+            own = order[:]
+            rng.shuffle(own)
+            text, got = countdown_search(numbers, target, k, own, max(1, budget // n))
+            org.fork(i, question, text, P.ANSWER_SEPARATOR.join(got.values()) or "none")
+        for i in range(1, n + 1):
+            joined = org.join(i)
+            for expr in P.parse_answer(joined, "countdown"):
+                found.setdefault(tasks.canonical(expr), expr)
+            org.say(f" ok {len(found)}\n")
+        answers = list(found.values())[:k]
+        org.answer(answers)
+        return Trace(row, mode, org.pieces, org.workers, answers)
+
+    if mode != "async":
+        raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
+    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
+    rng.shuffle(pairs)
+    pairs = [(max(p), min(p)) for p in pairs[:P.MAX_FORKS]]
+    actions = None
+    if rng.random() < hint_share:
+        actions = P.sample_structure(rng, rng.randint(2, len(pairs)), capacity)
+    org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None))
+    found = {}
+
+    def on_fork(i):
+        a, b = pairs[i - 1]
+        rest = [x for x in numbers if x not in (a, b)]
+        text, got = pair_attempts(a, b, numbers, target)
+        org.fork(i, f"{a} {b} then {' '.join(map(str, rest))} to {target}", text,
+                 P.ANSWER_SEPARATOR.join(got) or "none")
+
+    def on_join(i):
+        before = len(found)
+        for expr in P.parse_answer(org.join(i), "countdown"):
+            found.setdefault(tasks.canonical(expr), expr)
+        org.say(f" ok {len(found)}\n" if len(found) > before else " no\n")
+
+    run_structure(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
+    answers = list(found.values())[:k]
+    org.answer(answers)
+    return Trace(row, mode, org.pieces, org.workers, answers)
+
+
+# -----------------------------------------------------------------------------
+# Sudoku traces in the three modes
+
+def sudoku_search(grid, rng, budget=16):
+    """The sequential solver: rows with blanks in a random order, each filled where forced,
+    the grid rewritten after each row. Returns (text, final grid)."""
+    blocks = []
+    for _ in range(budget):
+        rows = [r for r in range(4) if "." in grid[r * 4:r * 4 + 4]]
+        if not rows:
+            break
+        r = rng.choice(rows)
+        text, fixed, _ = sudoku_attempt(grid, r)
+        grid = fill(grid, fixed)
+        blocks.append(f"row {r + 1}\n{text}\ngrid {grid}")
+    return "\n".join(blocks), grid
+
+
+def sudoku_trace(row, mode, rng: random.Random, capacity=4, budget=16, n_parallel=None,
+                 hint_share=0.5):
+    grid = row["puzzle"]
+    question = P.question_text(row)
+    if mode == "sequential":
+        text, grid = sudoku_search(grid, rng, budget)
+        answers = [grid] if "." not in grid else []
+        answer = f"{P.ANSWER}{answers[0] if answers else 'none'}{P.ANSWER_END}"
+        org = [(P.organizer_prompt(question), False), (f"{text}\n{answer}", True)]
+        return Trace(row, mode, org, {}, answers)
+
+    if mode == "parallel":
+        n = n_parallel or capacity - 1
+        org, votes = Organizer(P.organizer_prompt(question)), {}
+        for i in range(1, n + 1):
+            text, final = sudoku_search(grid, rng, budget)
+            org.fork(i, question, text, final if "." not in final else "none")
+        for i in range(1, n + 1):
+            joined = org.join(i)
+            if joined != "none":
+                votes[joined] = votes.get(joined, 0) + 1
+            org.say(f" votes {max(votes.values(), default=0)}\n")
+        answers = [max(votes, key=votes.get)] if votes else []
+        org.answer(answers)
+        return Trace(row, mode, org.pieces, org.workers, answers)
+
+    if mode != "async":
+        raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
+    # Rounds: fork a worker per row with blanks (at most capacity-1 at once), join, merge.
+    org, next_id = Organizer(P.organizer_prompt(question)), 1
+    for _ in range(budget):
+        rows = [r for r in range(4) if "." in grid[r * 4:r * 4 + 4]]
+        if not rows or next_id + len(rows) > P.MAX_FORKS + 1:
+            break
+        rows = rows[:capacity - 1]
+        ids, merged = [], {}
+        for r in rows:
+            text, fixed, result = sudoku_attempt(grid, r)
+            org.fork(next_id, f"sudoku {grid} row {r + 1}", text, result)
+            merged.update(fixed)
+            ids.append(next_id)
+            next_id += 1
+        for i in ids:
+            org.join(i)
+        new = fill(grid, merged)
+        org.say(f"\ngrid {new}\n")
+        if new == grid:
+            break  # stuck: no forced cell in any row
+        grid = new
+    answers = [grid] if "." not in grid else []
+    org.answer(answers)
+    return Trace(row, mode, org.pieces, org.workers, answers)
+
+
+def make_trace(row, mode, rng: random.Random, capacity=4, **kw):
+    """A trace for a puzzle row in a thinking mode ('sequential', 'parallel', 'async')."""
+    build = {"countdown": countdown_trace, "sudoku": sudoku_trace}.get(row.get("task"))
+    if build is None:
+        raise ValueError(f"unknown task {row.get('task')!r}")
+    return build(row, mode, rng, capacity, **kw)
