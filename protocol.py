@@ -341,7 +341,7 @@ _EXPRESSION = re.compile(r"^[0-9+\-*/() ]+$")
 
 def parse_answer(text, task):
     """The answer's parts, or None if it does not parse: countdown answers are expressions
-    separated by ', ' ('none' for no expression); a sudoku answer is 16 digits 1-4 (row-major).
+    separated by ', '; a sudoku answer is 16 digits 1-4 (row-major); 'none' is the empty answer.
 
     >>> parse_answer("5+3+2, 7+3", "countdown")
     ['5+3+2', '7+3']
@@ -349,9 +349,9 @@ def parse_answer(text, task):
     ['1234341221434321']
     """
     text = text.strip()
+    if text == "none" and task in ("countdown", "sudoku"):  # nothing found: a valid, empty answer
+        return []
     if task == "countdown":
-        if text == "none":  # nothing found: a valid, empty answer
-            return []
         parts = [p.strip() for p in text.split(",")]
         ok = parts and all(p and _EXPRESSION.match(p) and any(c.isdigit() for c in p) for p in parts)
         return parts if ok else None

@@ -54,37 +54,6 @@ import tasks
 # -----------------------------------------------------------------------------
 # Countdown: one attempt
 
-def _top_op(expr):
-    """The operator at the top level of an expression string, or None for a number."""
-    depth = 0
-    for ch in reversed(expr):  # the last top-level +/- binds loosest, else the last * or /
-        depth += ch == ")"
-        depth -= ch == "("
-        if depth == 0 and ch in "+-":
-            return ch
-    depth = 0
-    for ch in reversed(expr):
-        depth += ch == ")"
-        depth -= ch == "("
-        if depth == 0 and ch in "*/":
-            return ch
-    return None
-
-
-def combine(left, op, right):
-    """Join two expressions with an operator, with the parentheses the value needs.
-
-    >>> combine("25-7", "+", "12+21-3"), combine("25-7", "*", "3"), combine("48", "/", "4*3")
-    ('25-7+12+21-3', '(25-7)*3', '48/(4*3)')
-    """
-    lo, ro = _top_op(left), _top_op(right)
-    if op in "*/" and lo in ("+", "-"):
-        left = f"({left})"
-    if (op == "-" and ro in ("+", "-")) or (op == "*" and ro in ("+", "-")) or (op == "/" and ro):
-        right = f"({right})"
-    return f"{left}{op}{right}"
-
-
 def apply(a, op, b):
     """a op b if every rule holds (positive integer result), else None."""
     if op == "+":
@@ -140,16 +109,20 @@ def make_number(values, goal, max_steps=3):
     return None
 
 
-def steps_to_expression(steps, values):
-    """Rebuild one expression from steps: a value made by an earlier step stands for its
-    expression. >>> steps_to_expression([(12,'+',21,33),(33,'-',3,30)], [3,12,19,21]) -> '12+21-3'"""
-    made = []  # (value, expression) of intermediate results not yet used
+def steps_to_expression(steps):
+    """Rebuild one expression from steps: a value made by an earlier step stands for the
+    expression that made it.
+
+    >>> steps_to_expression([(12, "+", 21, 33), (33, "-", 3, 30)]).text
+    '12+21-3'
+    """
+    made = []  # (value, Expr) of intermediate results not yet used
     for a, op, b, c in steps:
         parts = []
         for x in (a, b):
             k = next((k for k, (v, _) in enumerate(made) if v == x), None)
-            parts.append(made.pop(k)[1] if k is not None else str(x))
-        made.append((c, combine(parts[0], op, parts[1])))
+            parts.append(made.pop(k)[1] if k is not None else tasks.leaf(x))
+        made.append((c, tasks.combine(op, parts[0], parts[1])))
     return made[-1][1]
 
 
@@ -173,7 +146,8 @@ def countdown_attempt(first, rest, target, max_steps=2):
             continue
         shown = " ".join(f"{x}{o}{y}={z}" for x, o, y, z in steps) if steps else f"have {goal}"
         lines.append(f"{sign}{goal}: {shown}")
-        expr = combine(head, op, steps_to_expression(steps, rest) if steps else str(goal))
+        first_expr = tasks.combine(first[1], tasks.leaf(a), tasks.leaf(b))
+        expr = tasks.combine(op, first_expr, steps_to_expression(steps) if steps else tasks.leaf(goal)).text
         lines.append(f"-> {expr}")
         return "\n".join(lines), expr
     lines.append("-> none")
@@ -383,7 +357,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_para
     pairs = [(max(p), min(p)) for p in pairs[:P.MAX_FORKS]]
     actions = None
     if rng.random() < hint_share:
-        actions = P.sample_structure(rng, rng.randint(2, len(pairs)), capacity)
+        actions = P.sample_structure(rng, rng.randint(2, min(8, len(pairs))), capacity)
     org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None))
     found = {}
 
@@ -484,3 +458,60 @@ def make_trace(row, mode, rng: random.Random, capacity=4, **kw):
     if build is None:
         raise ValueError(f"unknown task {row.get('task')!r}")
     return build(row, mode, rng, capacity, **kw)
+
+
+# -----------------------------------------------------------------------------
+# Command line: look at traces, and measure them
+
+def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5):
+    """Token lengths, latency, eta and answer quality of n traces (byte-level tokens)."""
+    tok = P.Tokenizer.bytes_level()
+    rng = random.Random(seed)
+    org, work, lat, eta, full = [], [], [], [], 0
+    for row in tasks.make_puzzles(task, "small", n=n, seed=seed, split="train"):
+        trace = make_trace(row, mode, rng, capacity, hint_share=hint_share)
+        traj = trace.parse(tok, capacity)
+        seqs = trace.sequences(tok)
+        org.append(len(seqs[0][0]))
+        work += [len(ids) for ids, _ in seqs[1:]]
+        lat.append(P.critical_path(traj))
+        eta.append(P.concurrency(traj))
+        full += len(trace.answers) >= row.get("k", 1)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0
+    return dict(task=task, mode=mode, organizer_mean=mean(org), organizer_max=max(org),
+                worker_mean=mean(work), worker_max=max(work, default=0),
+                workers_per_episode=len(work) / n, latency=mean(lat), eta=mean(eta), complete=full / n)
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="Synthetic SFT traces: show one, or measure many.")
+    ap.add_argument("command", choices=["show", "stats"])
+    ap.add_argument("--task", choices=["countdown", "sudoku"], default="countdown")
+    ap.add_argument("--mode", choices=["sequential", "parallel", "async"], default=None,
+                    help="default: async for show, all three for stats")
+    ap.add_argument("--capacity", type=int, default=4, help="pool capacity c (organizer included)")
+    ap.add_argument("--n", type=int, default=200, help="puzzles to measure (stats)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a structure hint")
+    args = ap.parse_args(argv)
+    if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1:
+        ap.error("need --capacity >= 2, --n > 0 and 0 <= --hint-share <= 1")
+    if args.command == "show":
+        row = tasks.make_puzzles(args.task, "small", n=1, seed=args.seed, split="train")[0]
+        mode = args.mode or "async"
+        print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share).text())
+        return
+    print(f"{args.n} small-preset puzzles per row, c={args.capacity}, byte-level tokens (prompts included)")
+    print("| task | mode | organizer tokens mean/max | worker tokens mean/max | workers/episode "
+          "| latency | eta | traces with all k answers |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mode in [args.mode] if args.mode else ["sequential", "parallel", "async"]:
+        s = trace_stats(args.task, mode, args.n, args.seed, args.capacity, args.hint_share)
+        print(f"| {s['task']} | {mode} | {s['organizer_mean']:.0f} / {s['organizer_max']} "
+              f"| {s['worker_mean']:.0f} / {s['worker_max']} | {s['workers_per_episode']:.1f} "
+              f"| {s['latency']:.0f} | {s['eta']:.2f} | {100 * s['complete']:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""traces.py: every synthetic trace is a valid trajectory, its arithmetic is true, its answers
+are correct by the exact verifiers, and its SFT masks train only what the model would write."""
+import random
+import re
+
+import pytest
+
+import protocol as P
+import tasks
+import traces
+
+tok = P.Tokenizer.bytes_level()
+MODES = ("sequential", "parallel", "async")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {task: tasks.make_puzzles(task, "small", n=25, seed=3, split="train")
+            for task in ("countdown", "sudoku")}
+
+
+@pytest.mark.parametrize("task", ["countdown", "sudoku"])
+@pytest.mark.parametrize("mode", MODES)
+def test_traces_are_valid_and_correct(rows, task, mode):
+    rng = random.Random(0)
+    for row in rows[task]:
+        for capacity in (2, 3, 4):
+            trace = traces.make_trace(row, mode, rng, capacity=capacity)
+            traj = trace.parse(tok, capacity)
+            assert traj.errors == [], (traj.errors, trace.text())
+            assert traj.answers == trace.answers
+            if task == "countdown":
+                # every answer verified independently, and all distinct
+                for expr in trace.answers:
+                    assert tasks.check_countdown(expr, row["numbers"], row["target"]) is None
+                assert tasks.score_countdown(trace.answers, row["numbers"], row["target"]) == len(trace.answers)
+                assert len(trace.answers) <= row["k"]
+            else:
+                for grid in trace.answers:
+                    assert tasks.check_sudoku(grid, row["puzzle"]) is None
+            if mode == "sequential":
+                assert trace.workers == {}
+            else:
+                assert trace.workers and P.concurrency(traj) > 1.0
+
+
+def test_arithmetic_written_in_traces_is_true(rows):
+    """Every 'a op b=c' a thread writes holds (the traces teach true arithmetic)."""
+    step = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+    checked = 0
+    for row in rows["countdown"][:10]:
+        for mode in MODES:
+            text = traces.make_trace(row, mode, random.Random(1)).text()
+            for a, op, b, c in step.findall(text):
+                a, b, c = int(a), int(b), int(c)
+                assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == c, (a, op, b, c)
+                checked += 1
+    assert checked > 100
+
+
+def test_sudoku_forced_cells_are_right(rows):
+    """'r2c3 x124 =3': the excluded digits are those of the cell's peers, and a forced digit
+    is the solution's digit."""
+    for row in rows["sudoku"][:10]:
+        solution = tasks.solve_sudoku(row["puzzle"])[0]
+        text = traces.make_trace(row, "async", random.Random(2)).text()
+        for r, c, d in re.findall(r"r(\d)c(\d) x\d* =(\d)", text):
+            assert solution[(int(r) - 1) * 4 + int(c) - 1] == d
+
+
+def test_structure_hints_are_followed(rows):
+    rng = random.Random(5)
+    hinted = 0
+    for row in rows["countdown"]:
+        trace = traces.make_trace(row, "async", rng, capacity=3, hint_share=1.0)
+        prompt = trace.organizer[0][0]
+        hint = re.search(r"plan (.*)\n", prompt).group(1)
+        assert P.structure(trace.parse(tok, 3)) == hint
+        hinted += 1
+    assert hinted == len(rows["countdown"])
+
+
+def test_default_async_topology_keeps_the_pool_busy(rows):
+    """Without a hint the organizer forks up to c-1 workers before its first join."""
+    trace = traces.make_trace(rows["countdown"][0], "async", random.Random(0), capacity=4, hint_share=0.0)
+    assert P.structure(trace.parse(tok, 4)).startswith("F1 F2 F3 J1")
+
+
+def test_sft_masks(rows):
+    """Prompts and injected join results get no loss; the tags the model writes do."""
+    trace = traces.make_trace(rows["countdown"][0], "async", random.Random(0), hint_share=0.0)
+    (org_ids, org_mask), *workers = trace.sequences(tok)
+    assert len(org_ids) == len(org_mask) and not org_mask[0]  # <ORGANIZER> is prompt
+    join_open, join_close = tok.tag_id("join", 1), tok.tag_id("join_end", 1)
+    a, b = org_ids.index(join_open), org_ids.index(join_close)
+    assert org_mask[a] and not any(org_mask[a + 1:b + 1])  # <JOIN-1> trained, result injected
+    assert org_mask[-1] and org_ids[-1] == tok.answer_end
+    for ids, mask in workers:
+        assert ids[0] == tok.worker and not mask[0]
+        n_prompt = ids.index(tok.encode("\n")[0]) + 1
+        assert not any(mask[:n_prompt]) and all(mask[n_prompt:])
+        assert ids[-1] == tok.ret_end
+
+
+def test_unknown_mode_and_task():
+    row = {"task": "countdown", "numbers": [2, 3, 5, 7], "target": 10, "k": 2}
+    with pytest.raises(ValueError, match="unknown mode"):
+        traces.make_trace(row, "telepathic", random.Random(0))
+    with pytest.raises(ValueError, match="unknown task"):
+        traces.make_trace({"task": "chess"}, "async", random.Random(0))
+
+
+def test_worker_search_helpers():
+    assert traces.make_number([3, 12, 19, 21], 21) == []
+    assert traces.make_number([3, 12, 19, 21], 33) == [(21, "+", 12, 33)]
+    assert traces.make_number([2, 3], 100) is None
+    text, expr = traces.countdown_attempt((25, "-", 7, 18), [3, 12, 19, 21], 48)
+    assert text.splitlines()[0] == "25-7=18" and text.endswith(f"-> {expr}")
+    assert tasks.check_countdown(expr, [3, 7, 12, 19, 21, 25], 48) is None
