@@ -255,7 +255,13 @@ class Organizer:
         return self.results[i]
 
     def answer(self, parts):
-        self.say(f"{P.ANSWER}{P.ANSWER_SEPARATOR.join(parts) or 'none'}{P.ANSWER_END}")
+        self.say(P.answer_text(parts))
+
+
+def sequential_trace(row, text, answers):
+    """The organizer alone: its search text, then the answer."""
+    org = [(P.organizer_prompt(P.question_text(row)), False), (f"{text}\n{P.answer_text(answers)}", True)]
+    return Trace(row, "sequential", org, {}, answers)
 
 
 def run_structure(org: Organizer, n_tasks, capacity, actions=None, on_fork=None, on_join=None,
@@ -328,10 +334,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_para
     rng.shuffle(order)
     if mode == "sequential":
         text, found = countdown_search(numbers, target, k, order, budget)
-        answers = list(found.values())[:k]
-        answer = f"{P.ANSWER}{P.ANSWER_SEPARATOR.join(answers) or 'none'}{P.ANSWER_END}"
-        org = [(P.organizer_prompt(question), False), (f"{text}\n{answer}", True)]
-        return Trace(row, mode, org, {}, answers)
+        return sequential_trace(row, text, list(found.values())[:k])
 
     if mode == "parallel":
         n = n_parallel or capacity - 1
@@ -404,10 +407,7 @@ def sudoku_trace(row, mode, rng: random.Random, capacity=4, budget=16, n_paralle
     question = P.question_text(row)
     if mode == "sequential":
         text, grid = sudoku_search(grid, rng, budget)
-        answers = [grid] if "." not in grid else []
-        answer = f"{P.ANSWER}{answers[0] if answers else 'none'}{P.ANSWER_END}"
-        org = [(P.organizer_prompt(question), False), (f"{text}\n{answer}", True)]
-        return Trace(row, mode, org, {}, answers)
+        return sequential_trace(row, text, [grid] if "." not in grid else [])
 
     if mode == "parallel":
         n = n_parallel or capacity - 1
