@@ -18,7 +18,8 @@ Sampling lives in the executor; `generate` here is a small convenience for noteb
 import json
 import math
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -362,3 +363,42 @@ class KVCache:
     def reset(self):
         """Free every slot."""
         self.lengths.zero_()
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path, model, **extra):
+    """Write {'config', 'model', **extra} atomically: to a temporary file in the same folder,
+    then os.replace onto `path`. A process killed mid-save leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    state = {"config": asdict(model.config), "model": model.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """(model, checkpoint dict) from a file written by save_checkpoint. Anything else (missing,
+    truncated, not a checkpoint, weights of another shape) raises a one-line ValueError."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or foreign files fail in many ways inside torch.load
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not an asyncthink checkpoint (no config/model)")
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: weights do not fit the model config: {first}") from None
+    return model, ckpt

@@ -224,21 +224,33 @@ class Thread:
     children: dict = field(default_factory=dict)  # fork id -> Thread (the workers it forked)
 
 
-def parse_thread(ids, tok: Tokenizer, role, capacity, errors):
-    """Parse one thread's output ids (prompt excluded) into a Thread, appending named errors."""
+def injected_by_joins(ids, tok: Tokenizer):
+    """Which output tokens the executor injected, by the protocol's rule: after a generated
+    <JOIN-i>, everything up to and including </JOIN-i> (the worker's takeaway)."""
+    mask, inside = [], None
+    for t in ids:
+        kind, i = tok.tag(t) or ("text", 0)
+        mask.append(inside is not None)
+        if inside is not None and (kind, i) == ("join_end", inside):
+            inside = None
+        elif inside is None and kind == "join":
+            inside = i
+    return mask
+
+
+def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
+    """Parse one thread's output ids (prompt excluded) into a Thread, appending named errors.
+    `injected` marks the tokens the executor wrote (default: `injected_by_joins`); they are
+    not decode steps, but tags among them still act (parallel mode injects its forks)."""
     th = Thread(role)
     forked, outstanding = set(), set()
     open_fork, query = None, []   # inside <FORK-i> ... </FORK-i>
-    injecting = None              # inside the executor's "takeaway</JOIN-i>" after <JOIN-i>
     result_kind, result = None, None  # inside <ANSWER> or <RETURN>
-    for t in ids:
-        t = int(t)
+    ids = [int(t) for t in ids]
+    injected = injected_by_joins(ids, tok) if injected is None else injected
+    for t, was_injected in zip(ids, injected):
         kind, i = tok.tag(t) or ("text", 0)
-        if injecting is not None:  # injected tokens are free: not decode steps
-            if (kind, i) == ("join_end", injecting):
-                injecting = None
-            continue
-        th.generated += 1
+        th.generated += not was_injected
         if open_fork is not None:
             if kind == "text":
                 query.append(t)
@@ -260,8 +272,8 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors):
                 break  # the thread is over; the executor stops decoding it here
             errors.append(f"{STRAY_TAG}: tag inside <{result_kind.upper()}>")
             break
-        if kind == "text":
-            continue
+        if kind == "text" or (was_injected and kind == "join_end"):
+            continue  # thinking text, or a join's injected takeaway and closing tag
         if kind in ("fork", "join", "answer") and role == "worker":
             errors.append(f"{WRONG_ROLE}: {kind} tag in a worker")
             continue
@@ -281,7 +293,6 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors):
             else:
                 th.events.append(Event("join", i, th.generated))
                 outstanding.discard(i)
-            injecting = i
         elif kind in ("answer", "return"):
             result_kind, result = kind, []
         else:
@@ -304,15 +315,16 @@ class Trajectory:
     answers: list     # the parsed final answers (strings), [] if none
 
 
-def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None):
+def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None, injected=None):
     """Parse a whole trajectory: the organizer's output ids (injected join results included) and
-    each worker's output ids by fork id. Prompts are not part of the ids.
+    each worker's output ids by fork id. Prompts are not part of the ids. `injected` optionally
+    marks the organizer's injected tokens (the executor knows them exactly).
 
     Workers are attached to the fork that started them; a worker whose fork never closed is
     ignored. With `task` ('countdown' or 'sudoku') the answer must parse for that task.
     """
     errors = []
-    org = parse_thread(organizer_ids, tok, "organizer", capacity, errors)
+    org = parse_thread(organizer_ids, tok, "organizer", capacity, errors, injected)
     for ev in org.events:
         if ev.kind == "fork" and ev.id in worker_ids:
             org.children[ev.id] = parse_thread(worker_ids[ev.id], tok, "worker", capacity, errors)
