@@ -249,3 +249,29 @@ def test_solve_errors_are_one_line(tmp_path, random_ckpt):
     r = cli("solve", "--ckpt", str(random_ckpt), "--input", str(good), "--output", str(tmp_path / "o"),
             "--mode", "parallel", "--capacity", "1")
     assert r.returncode == 2 and "capacity" in r.stderr
+
+
+def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
+    """--ckpt may be a GPT-2 folder: weights through the model hook, BPE through tiktoken,
+    the protocol's tags appended to both."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    encoder = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = ["Ġ t", "h e", "1 2"]
+    for m in merges:
+        encoder["".join(m.split())] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    folder = tmp_path / "gpt2-tiny"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=512,
+                               vocab_size=len(encoder))).save_pretrained(folder)
+    (folder / "vocab.json").write_text(json.dumps(encoder))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    model, tok2 = A.load_model(str(folder))
+    assert model.config.vocab_size == tok2.n_vocab == len(encoder) + len(P.special_token_names())
+    puzzles = tmp_path / "p.jsonl"
+    puzzles.write_text('{"task": "countdown", "numbers": [2, 3, 5, 7, 11, 13], "target": 24, "k": 4}\n')
+    r = cli("solve", "--ckpt", str(folder), "--input", str(puzzles), "--output", str(tmp_path / "o.jsonl"),
+            "--max-organizer-tokens", "30", "--max-worker-tokens", "20")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o.jsonl").read_text())["mode"] == "async"
