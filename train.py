@@ -1,0 +1,428 @@
+"""
+Train AsyncThink end to end:  python train.py --stage sft   then   python train.py --stage rl
+
+Stage 1, cold-start format SFT: the model imitates solver-written organizer and worker traces
+(traces.py) of one thinking mode. Every thread is its own training sequence; prompts and the
+join results the executor would inject get no loss (the trace marks them).
+
+Stage 2, RL (grpo.py): the executor rolls out G whole structures per question, a reward scores
+each, and the group-relative advantage trains every generated token of every thread.
+
+A run lives in one folder (default runs/<task>-<mode>): sft.pt, rl.pt, metrics.jsonl and
+curves.png. The RL stage starts from that folder's sft.pt. Checkpoints are written atomically
+and carry the model, optimizer, step, RNG states and config, so --resume continues a killed run
+exactly where it stopped (same weights as a run that was never killed).
+
+    python train.py --stage sft                       # small model, small countdown, CPU
+    python train.py --stage rl
+    python train.py --stage sft --preset gpu --device cuda --compile
+    torchrun --nproc_per_node=2 train.py --stage sft  # DDP (gloo on CPU, NCCL on GPU)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import asyncthink as A
+import protocol as P
+import tasks
+import traces
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "sft"              # sft | rl
+    preset: str = "small"           # see PRESETS: sizes and budgets in one place
+    mode: str = "async"             # thinking mode of the traces and rollouts
+    task: str = "countdown"         # countdown | sudoku | mix
+    run_dir: str = ""               # default runs/<task>-<mode>
+    model: str = "small"            # model preset (model.py)
+    puzzles: str = "small"          # countdown preset (tasks.py)
+    capacity: int = 4
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"          # float32 | bfloat16 (autocast, CUDA)
+    compile: bool = False
+    init: str = ""                  # start SFT from a pretrained GPT-2 folder
+    resume: bool = False
+    # SFT
+    sft_steps: int = 600
+    sft_episodes: int = 8           # traces (each several threads) per step
+    micro_tokens: int = 8192        # tokens per forward (padded), gradient accumulated
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    hint_share: float = 0.5
+    # RL
+    rl_steps: int = 60
+    questions: int = 8              # questions per RL step
+    group: int = 4                  # G rollouts per question
+    inner_updates: int = 2
+    rl_lr: float = 1e-4
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    temperature: float = 1.0
+    tau: float = 0.5                # concurrency reward threshold
+    lam: float = 0.2                # concurrency reward weight
+    format_penalty: float = -1.0
+    advantage: str = "zscore"       # zscore | mean
+    no_concurrency_reward: bool = False
+    from_scratch: bool = False      # RL without SFT (ablation)
+    max_organizer_tokens: int = 900
+    max_worker_tokens: int = 320
+    # evaluation
+    eval_every: int = 200
+    eval_n: int = 32
+    stop_at: int = 0                # stop (with a checkpoint) after this step: tests, split runs
+    ckpt_every: int = 50
+
+
+PRESETS = {
+    # the CPU default: a ~2M-parameter model on small countdown; SFT <= 15 min, RL <= 20 min
+    "small": dict(model="small", puzzles="small"),
+    # one GPU: a ~26M model on the paper's countdown, bf16
+    "gpu": dict(model="gpu", puzzles="paper", sft_steps=3000, sft_episodes=32, micro_tokens=32768,
+                lr=6e-4, min_lr=6e-5, rl_steps=200, questions=32, group=8, dtype="bfloat16",
+                eval_n=128, max_organizer_tokens=1800, max_worker_tokens=600),
+    # tests: seconds on a CPU
+    "tiny": dict(model="tiny", puzzles="small", sft_steps=4, sft_episodes=2, micro_tokens=2048,
+                 rl_steps=2, questions=2, group=2, eval_every=0, eval_n=2,
+                 max_organizer_tokens=48, max_worker_tokens=24),
+}
+
+
+# -----------------------------------------------------------------------------
+# Data: puzzles -> traces -> (ids, loss mask) sequences -> padded micro-batches
+
+def task_of(cfg, rng):
+    return rng.choice(["countdown", "sudoku"]) if cfg.task == "mix" else cfg.task
+
+
+def new_puzzle(cfg, task, rng, split="train"):
+    if task == "countdown":
+        return tasks.make_countdown(tasks.COUNTDOWN_PRESETS[cfg.puzzles], rng, split=split)
+    return tasks.make_sudoku(rng, split=split)
+
+
+def sft_sequences(cfg, tok, rng, n_episodes, block_size):
+    """Threads of n_episodes fresh traces, as (ids, mask) pairs cut to the block size."""
+    seqs = []
+    for _ in range(n_episodes):
+        row = new_puzzle(cfg, task_of(cfg, rng), rng)
+        trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share)
+        seqs += [(ids[:block_size + 1], mask[:block_size + 1]) for ids, mask in trace.sequences(tok)]
+    return seqs
+
+
+def micro_batches(seqs, micro_tokens, pad_id):
+    """Group sequences of similar length (sorted) into padded (x, y) batches of about
+    micro_tokens tokens each. y is x shifted by one, -1 where there is no loss."""
+    seqs = sorted(seqs, key=lambda s: len(s[0]))
+    batches, group = [], []
+    for s in seqs:
+        if group and (len(group) + 1) * len(s[0]) > micro_tokens:
+            batches.append(group)
+            group = []
+        group.append(s)
+    if group:
+        batches.append(group)
+    out = []
+    for group in batches:
+        T = max(len(ids) for ids, _ in group) - 1
+        x = torch.full((len(group), T), pad_id, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)
+        for b, (ids, mask) in enumerate(group):
+            n = len(ids) - 1
+            x[b, :n] = torch.tensor(ids[:-1])
+            target = torch.tensor(ids[1:])
+            y[b, :n] = torch.where(torch.tensor(mask[1:]), target, torch.tensor(-1))
+        out.append((x, y))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Setup: device, distributed, model, optimizer, checkpoints
+
+def setup_distributed(cfg):
+    """(rank, world, device). Under torchrun: gloo on CPU, NCCL on GPU; otherwise (0, 1, dev)."""
+    device = A.pick_device(cfg.device)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW; weight decay on matrices only (not biases, LayerNorms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def rng_state(rng):
+    """The data RNG (puzzles, traces) and torch's; numpy's is not used."""
+    return {"python": rng.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(rng, state):
+    rng.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def tokenizer_spec(cfg):
+    return {"kind": "gpt2", "folder": os.path.abspath(cfg.init), "max_forks": P.MAX_FORKS} if cfg.init \
+        else {"kind": "bytes", "max_forks": P.MAX_FORKS}
+
+
+def save(path, model, optimizer, step, rng, cfg, tok_spec, extra=None):
+    raw = model.module if isinstance(model, DDP) else model
+    raw = getattr(raw, "_orig_mod", raw)  # torch.compile wraps the module
+    save_checkpoint(path, raw, optimizer=optimizer.state_dict(), step=step, rng=rng_state(rng),
+                    train_config=asdict(cfg), tokenizer=tok_spec, **(extra or {}))
+
+
+def lr_at(step, cfg, total):
+    """Linear warmup, then cosine decay to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# Evaluation with the executor
+
+def evaluate(model, tok, cfg, n, seed=1234, mode=None):
+    """Greedy episodes on fresh validation puzzles: the metrics the paper reports."""
+    rng = random.Random(seed)
+    rows = [new_puzzle(cfg, task_of(cfg, rng), rng, split="val") for _ in range(n)]
+    run = A.RunConfig(mode=mode or cfg.mode, capacity=cfg.capacity, temperature=0.0,
+                      max_organizer_tokens=cfg.max_organizer_tokens,
+                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
+    raw = getattr(model, "_orig_mod", model)
+    records = A.solve(raw, tok, rows, run, progress=False)
+    raw.train()
+    k = max(r.get("k", 1) for r in records)
+    out = {f"eval_ge{j}": sum(r["n_correct"] >= j for r in records) / n for j in range(1, k + 1)}
+    out.update(eval_all=sum(r["correct"] for r in records) / n,
+               eval_format_ok=sum(not r["format_errors"] for r in records) / n,
+               eval_latency=sum(r["latency"] for r in records) / n,
+               eval_eta=sum(r["concurrency"] for r in records) / n,
+               eval_tokens=sum(r["tokens"] for r in records) / n)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+class Log:
+    """metrics.jsonl in the run folder (rank 0 only), and the last values for the bar."""
+
+    def __init__(self, run_dir, rank):
+        self.path, self.rank = os.path.join(run_dir, "metrics.jsonl"), rank
+
+    def write(self, row):
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def plot_curves(run_dir):
+    """curves.png: every logged metric of both stages against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(line) for line in open(path)]
+    panels = [("sft", "loss", "SFT loss (nats/token)"), ("sft", "eval_all", "SFT: all correct (val)"),
+              ("rl", "reward", "RL reward"), ("rl", "accuracy", "RL accuracy (R_A)"),
+              ("rl", "latency", "RL latency (steps)"), ("rl", "eta", "RL concurrency eta")]
+    panels = [p for p in panels if any(r.get("stage") == p[0] and p[1] in r for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (stage, key, title) in zip(axes[0], panels):
+        pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"{stage.upper()} step")
+        ax.set_ylabel(key)
+    fig.tight_layout()
+    out = os.path.join(run_dir, "curves.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: SFT
+
+def build_model(cfg, tok, device, resume_from=None):
+    if resume_from:
+        model, ckpt = load_checkpoint(resume_from)
+        if model.config.vocab_size != tok.n_vocab:
+            raise ValueError(f"{resume_from}: vocabulary {model.config.vocab_size} != tokenizer {tok.n_vocab}")
+        return model.to(device), ckpt
+    if cfg.init:
+        return GPT.from_pretrained(cfg.init, vocab_size=tok.n_vocab).to(device), None
+    torch.manual_seed(cfg.seed)
+    return GPT(GPTConfig.preset(cfg.model, tok.n_vocab)).to(device), None
+
+
+def check_compatible(ckpt, cfg, path):
+    """A checkpoint from another preset/model refuses to resume, with one line."""
+    old = ckpt.get("train_config", {})
+    for key in ("model", "mode", "task", "puzzles"):
+        if key in old and old[key] != getattr(cfg, key):
+            raise ValueError(f"{path} was trained with {key}={old[key]!r}, this run has {getattr(cfg, key)!r}")
+
+
+def train_sft(cfg, rank, world, device, log):
+    from tqdm import tqdm
+    tok = P.load_gpt2_tokenizer(cfg.init) if cfg.init else P.Tokenizer.bytes_level()
+    path = os.path.join(cfg.run_dir, "sft.pt")
+    resume = path if cfg.resume and os.path.exists(path) else None
+    model, ckpt = build_model(cfg, tok, device, resume)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    rng = random.Random(cfg.seed * 1009 + rank)  # each rank draws its own puzzles: a data shard
+    start = 0
+    if ckpt is not None:
+        check_compatible(ckpt, cfg, path)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        set_rng_state(rng, ckpt["rng"])
+        if rank == 0:
+            print(f"resuming SFT from {path} at step {start}")
+    ddp = DDP(model) if world > 1 else model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and "cuda" in str(device) else nullcontext()
+    stop = cfg.stop_at or cfg.sft_steps
+    bar = tqdm(range(start, stop), desc="sft", disable=rank != 0, initial=start, total=stop, file=sys.stderr)
+    model.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg, cfg.sft_steps)
+        batches = micro_batches(sft_sequences(cfg, tok, rng, cfg.sft_episodes, model.config.block_size),
+                                cfg.micro_tokens, tok.pad)
+        n_target = sum(int((y != -1).sum()) for _, y in batches)
+        total = 0.0
+        for j, (x, y) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
+            with sync, autocast:
+                _, loss = fwd(x, y, reduction="sum")
+                (loss / n_target).backward()
+            total += loss.item()
+        loss_per_token = total / n_target
+        if not math.isfinite(loss_per_token):
+            raise FloatingPointError(f"SFT loss is {loss_per_token} at step {step}; the last good "
+                                     f"checkpoint is kept at {path}")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n_tokens = sum(x.numel() for x, _ in batches)
+        row = {"stage": "sft", "step": step + 1, "loss": round(loss_per_token, 4),
+               "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 3),
+               "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}
+        bar.set_postfix(loss=f"{loss_per_token:.3f}", tok_s=row["tokens_per_s"])
+        last = step + 1 == stop
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and rank == 0:
+            row.update(evaluate(model, tok, cfg, cfg.eval_n))
+            bar.write(f"step {step + 1}: " + " ".join(f"{k} {v:.3g}" for k, v in row.items()
+                                                       if k.startswith("eval")))
+        log.write(row)
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
+            save(path, model, optimizer, step + 1, rng, cfg, tokenizer_spec(cfg))
+    bar.close()
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Entry point
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description="Train AsyncThink: --stage sft, then --stage rl.")
+    d = TrainConfig()
+    ap.add_argument("--stage", choices=["sft", "rl"], default="sft")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--mode", choices=A.MODES, default=d.mode)
+    ap.add_argument("--task", choices=["countdown", "sudoku", "mix"], default=d.task)
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    ap.add_argument("--init", default="", help="start SFT from a pretrained GPT-2 folder")
+    ap.add_argument("--resume", action="store_true", help="continue this stage from its checkpoint")
+    ap.add_argument("--no-concurrency-reward", action="store_true", help="ablation: lambda = 0")
+    ap.add_argument("--from-scratch", action="store_true", help="ablation: RL without format SFT")
+    # every other TrainConfig field can be set too, e.g. --sft-steps 100 --lr 1e-3 --group 8
+    skip = {"stage", "preset", "mode", "task", "run_dir", "device", "compile", "init", "resume",
+            "no_concurrency_reward", "from_scratch"}
+    for f in fields(TrainConfig):
+        if f.name not in skip:
+            ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    args = ap.parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    # defaults < the preset's values < flags given on the command line
+    values = {**asdict(d), **PRESETS[args.preset]}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    cfg = TrainConfig(**values)
+    cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.task}-{cfg.mode}")
+    for name in ("sft_steps", "sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
+                 "inner_updates", "eval_n"):
+        if getattr(cfg, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    if cfg.capacity < 2 and cfg.mode != "sequential":
+        ap.error("--capacity must be >= 2 for parallel and async modes")
+    return cfg
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    rank, world, device = 0, 1, "cpu"
+    try:
+        rank, world, device = setup_distributed(cfg)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        log = Log(cfg.run_dir, rank)
+        if cfg.stage == "sft":
+            path = train_sft(cfg, rank, world, device, log)
+        else:
+            import grpo
+            path = grpo.train_rl(cfg, rank, world, device, log)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        png = plot_curves(cfg.run_dir)
+        if png:
+            print(f"curves: {png}")
+        print(f"checkpoint: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
