@@ -1,0 +1,85 @@
+"""grpo.py: rewards, advantages and the clipped loss against values computed by hand."""
+import math
+
+import pytest
+import torch
+
+import asyncthink as A
+import grpo
+import protocol as P
+
+
+def rec(n_correct, eta, errors=(), task="countdown", k=4):
+    return {"task": task, "k": k, "n_correct": n_correct, "concurrency": eta, "format_errors": list(errors)}
+
+
+def test_reward_parts_by_hand():
+    # tau = 0.5, lambda = 0.2, c = 4 (the module docstring's table)
+    r = grpo.reward(rec(4, 2.0), 4, 0.5, 0.2)
+    assert (r.accuracy, r.concurrency, r.format_error) == (1.0, 1.0, False) and r.total == pytest.approx(1.2)
+    r = grpo.reward(rec(2, 1.0), 4, 0.5, 0.2)
+    assert (r.accuracy, r.concurrency) == (0.5, 0.5) and r.total == pytest.approx(0.6)
+    r = grpo.reward(rec(0, 1.6), 4, 0.5, 0.2)
+    assert r.concurrency == pytest.approx(0.8) and r.total == pytest.approx(0.16)
+    r = grpo.reward(rec(4, 3.9, ["pool-overflow: ..."]), 4, 0.5, 0.2, format_penalty=-1.0)
+    assert r.format_error and r.total == -1.0
+    r = grpo.reward(rec(7, 1.0), 4, 0.5, 0.0)  # more than k correct still counts k; lambda 0
+    assert r.total == 1.0
+    sudoku = grpo.reward(rec(1, 1.0, task="sudoku"), 4, 0.5, 0.2)
+    assert sudoku.accuracy == 1.0 and sudoku.total == pytest.approx(1.0 + 0.2 * 0.5)
+
+
+def test_advantages_by_hand():
+    rewards = [1.2, 0.6, -1.0, 0.16]
+    mean = 0.24
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / 4)
+    z = grpo.advantages(rewards, 4, "zscore")
+    assert z == pytest.approx([(r - mean) / std for r in rewards])
+    assert grpo.advantages(rewards, 4, "mean") == pytest.approx([0.96, 0.36, -1.24, -0.08])
+    # two groups, the second without variance: zeros, so it is skipped
+    assert grpo.advantages([1.0, 0.0, 0.5, 0.5], 2) == pytest.approx([1.0, -1.0, 0.0, 0.0])
+
+
+def test_policy_loss_by_hand():
+    # two generated tokens and one masked: logits chosen so log-probs are known exactly
+    V = 4
+    logits = torch.zeros(1, 3, V)             # uniform: log p = -log 4 for every token
+    y = torch.tensor([[2, 1, -1]])
+    logp = -math.log(4)
+    # token 0: old = logp -> ratio 1; token 1: old = logp - log 2 -> ratio 2 (clipped to 1.2)
+    old = torch.tensor([[logp, logp - math.log(2), 0.0]])
+    adv = torch.tensor([0.5])
+    loss, kl, stats = grpo.policy_loss(logits, y, old, adv, clip_eps=0.2)
+    # positive advantage: min(r*A, clip(r)*A) = 0.5*1 and min(2*0.5, 1.2*0.5) = 0.6
+    assert loss.item() == pytest.approx(-(0.5 + 0.6))
+    assert stats["clipped"] == 1 and stats["entropy"] == pytest.approx(2 * math.log(4))
+    # negative advantage: min(2*-0.5, 1.2*-0.5) = -1.0 (the pessimistic side is not clipped)
+    loss, _, _ = grpo.policy_loss(logits, y, old, torch.tensor([-0.5]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-(-0.5 - 1.0))
+    # KL to a reference equal to the policy is 0
+    _, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logits=logits.clone())
+    assert kl.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_thread_batches_mask_prompts_and_injected_tokens():
+    """Every generated token of every thread gets the structure's advantage; prompts,
+    injected join results and padding get none; old log-probs line up with targets."""
+    from test_executor import FORK_ALL, ROWS, scripted, tiny_model, tok
+    cfg = A.RunConfig(mode="async", capacity=4)
+    eps = A.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([FORK_ALL]))
+    batches = grpo.thread_batches(eps, [0.7, 0.0], max_tokens=10_000)  # 2nd structure skipped
+    n_trained = sum(int((y != -1).sum()) for _, y, _, _ in batches)
+    ep = eps[0]
+    assert n_trained == sum(th.generated for th in ep.threads)
+    assert all(torch.all(adv == 0.7) for *_, adv in batches)
+    for x, y, old, _ in batches:
+        for b in range(x.size(0)):
+            row = x[b].tolist()
+            th = next(t for t in ep.threads if row[:len(t.prompt + t.out) - 1] == (t.prompt + t.out)[:-1]
+                      and not any(row[len(t.prompt + t.out) - 1:]))
+            n_prompt = len(th.prompt)
+            for k, (inj, lp) in enumerate(zip(th.injected, th.logprobs)):
+                target = y[b, n_prompt + k - 1].item()
+                assert (target == -1) == inj
+                if not inj:
+                    assert target == th.out[k] and old[b, n_prompt + k - 1].item() == pytest.approx(lp)

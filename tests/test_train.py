@@ -1,0 +1,130 @@
+"""train.py end to end on the tiny preset: smoke runs of both stages, exact resume, refusal of
+foreign checkpoints, atomic saves, and DDP with two CPU processes."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import train
+
+TINY = ["--preset", "tiny", "--eval-every", "0"]
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "train.py", *args], capture_output=True, text=True, env=env)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "4")
+    assert r.returncode == 0, r.stderr
+    return d, r
+
+
+def test_sft_then_rl_smoke(sft_run):
+    d, r = sft_run
+    assert r.stdout.strip().splitlines()[-1] == f"checkpoint: {d / 'sft.pt'}"
+    assert (d / "metrics.jsonl").exists() and (d / "curves.png").exists()
+    r = run("--stage", "rl", *TINY, "--run-dir", str(d), "--rl-steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"checkpoint: {d / 'rl.pt'}"
+    rows = [__import__("json").loads(line) for line in open(d / "metrics.jsonl")]
+    rl = [row for row in rows if row["stage"] == "rl"]
+    assert len(rl) == 2 and {"reward", "accuracy", "latency", "eta", "kl", "entropy",
+                             "format_error_rate", "rollout_s", "update_s"} <= set(rl[0])
+
+
+def test_sft_resume_gives_the_same_weights(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert run("--stage", "sft", *TINY, "--run-dir", str(straight), "--sft-steps", "4").returncode == 0
+    assert run("--stage", "sft", *TINY, "--run-dir", str(split), "--sft-steps", "4", "--stop-at", "2").returncode == 0
+    r = run("--stage", "sft", *TINY, "--run-dir", str(split), "--sft-steps", "4", "--resume")
+    assert r.returncode == 0 and "resuming SFT" in r.stdout
+    a, b = weights(straight / "sft.pt"), weights(split / "sft.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rl_resume_gives_the_same_weights(sft_run, tmp_path):
+    d, _ = sft_run
+    runs = {}
+    for name in ("straight", "split"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
+    assert run("--stage", "rl", *TINY, "--run-dir", str(runs["straight"]), "--rl-steps", "3").returncode == 0
+    assert run("--stage", "rl", *TINY, "--run-dir", str(runs["split"]), "--rl-steps", "3", "--stop-at", "1").returncode == 0
+    assert run("--stage", "rl", *TINY, "--run-dir", str(runs["split"]), "--rl-steps", "3", "--resume").returncode == 0
+    a, b = weights(runs["straight"] / "rl.pt"), weights(runs["split"] / "rl.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
+    d, _ = sft_run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
+    r = run("--stage", "sft", *TINY, "--run-dir", str(other), "--model", "small", "--resume")
+    assert r.returncode == 2 and "model='tiny'" in r.stderr and "Traceback" not in r.stderr
+    (other / "sft.pt").write_bytes(b"not a checkpoint at all")
+    r = run("--stage", "sft", *TINY, "--run-dir", str(other), "--resume")
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run("--stage", "rl", *TINY, "--run-dir", str(tmp_path / "empty"))
+    assert r.returncode == 2 and "run `python train.py --stage sft`" in r.stderr
+    r = run("--stage", "sft", *TINY, "--sft-steps", "0")
+    assert r.returncode == 2 and "must be positive" in r.stderr
+
+
+def test_a_save_killed_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    model = M.GPT(M.GPTConfig.preset("tiny", 300))
+    path = tmp_path / "ckpt.pt"
+    M.save_checkpoint(str(path), model, step=1)
+    before = path.read_bytes()
+
+    def dies_halfway(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed while writing
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        M.save_checkpoint(str(path), model, step=2)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    d = tmp_path / "run"
+    assert train.main(["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "2"]) == 0
+    good = weights(d / "sft.pt")
+    forward = M.GPT.forward
+
+    def nan_forward(self, idx, targets=None, reduction="mean"):
+        logits, loss = forward(self, idx, targets, reduction)
+        return logits, loss * float("nan")
+    monkeypatch.setattr(M.GPT, "forward", nan_forward)
+    code = train.main(["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "4", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "SFT loss is nan" in err and "last good checkpoint is kept" in err
+    after = weights(d / "sft.pt")
+    assert all(torch.equal(good[k], after[k]) for k in good)
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    d = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                "train.py"]
+    r = subprocess.run(torchrun + ["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("checkpoint: ") == 1  # one writer
+    r = subprocess.run(torchrun + ["--stage", "rl", *TINY, "--run-dir", str(d), "--rl-steps", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (d / "rl.pt").exists()
