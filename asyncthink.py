@@ -81,6 +81,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive")
         if self.temperature < 0 or (self.top_k is not None and self.top_k <= 0):
             raise ValueError("temperature must be >= 0 and top_k positive")
+        if self.n_slots is not None and self.n_slots < (1 if self.mode == "sequential" else 2):
+            raise ValueError(f"{self.mode} mode needs at least {1 if self.mode == 'sequential' else 2} cache slots")
 
     def workers_in_parallel(self):
         return self.n_parallel or self.capacity - 1
@@ -258,10 +260,11 @@ class Executor:
         elif th.in_result:  # writing the answer / the takeaway
             end = "answer_end" if th.role == "organizer" else "return_end"
             if kind == end:
-                return self.finish(th)
-            if kind != "text":
+                self.finish(th)
+            elif kind != "text":
                 return self.end(ep, "tag inside a result")
-            th.result.append(t)
+            else:
+                th.result.append(t)
         elif kind == "text":
             pass
         elif th.role == "worker" and kind in ("fork", "join", "answer"):
@@ -283,19 +286,28 @@ class Executor:
             self.join_worker(th, i)
         else:
             return self.end(ep, "stray tag")
-        if ep.done or th.state == "done":
+        if ep.done:
             return
         limit = cfg.max_organizer_tokens if th.role == "organizer" else cfg.max_worker_tokens
-        if th.generated >= limit:
-            self.end(ep, f"{th.role} token limit")
-        elif ep.generated >= cfg.max_episode_tokens:
+        if ep.generated >= cfg.max_episode_tokens:
             self.end(ep, "episode token limit")
-        elif int(self.cache.lengths[th.slot]) + len(th.feed) + 64 > self.cache.max_len:
-            self.end(ep, "context full")  # keep room for the largest join result we inject
+        elif th.state == "done":
+            return
+        elif th.generated >= limit:
+            self.end(ep, f"{th.role} token limit")
+        elif not self.fits(th):
+            self.end(ep, "context full")
+
+    def fits(self, th, extra=0):
+        """Whether th's slot can take its pending tokens, `extra` more, and one more sample."""
+        return int(self.cache.lengths[th.slot]) + len(th.feed) + extra + 1 <= self.cache.max_len
 
     def fork_worker(self, parent, i, queue):
         """</FORK-i> was decoded: create worker i on the sub-query; it waits for a slot."""
-        prompt = self.tok.encode(P.worker_prompt(self.tok.decode(parent.query)))
+        # P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text
+        prompt = [self.tok.worker] + parent.query + self.tok.encode("\n")
+        if len(prompt) + 1 > self.cache.max_len:
+            return self.end(parent.episode, "context full")
         worker = Thread(parent.episode, "worker", i, prompt, parent, fork_step=self.step)
         parent.children[i] = worker
         parent.episode.threads.append(worker)
@@ -305,8 +317,11 @@ class Executor:
         """<JOIN-i> was decoded: continue with the takeaway now, or wait for worker i."""
         worker = th.children[i]
         if worker.state == "done":
+            takeaway = worker.result + [self.tok.tag_id("join_end", i)]
+            if not self.fits(th, len(takeaway)):
+                return self.end(th.episode, "context full")
             worker.join_step = self.step
-            th.inject(worker.result + [self.tok.tag_id("join_end", i)])
+            th.inject(takeaway)
         else:
             th.state, th.waiting_on = "waiting", i
 
@@ -327,11 +342,11 @@ class Executor:
     def fork_parallel(self, ep, queue):
         """Parallel mode: inject N forks of the whole question; the workers start at once."""
         org, question = ep.organizer, P.question_text(ep.row)
+        org.query = self.tok.encode(question)
         for i in range(1, self.cfg.workers_in_parallel() + 1):
             fork, fork_end, _, _ = P.fork_tags(i)
             org.inject(self.tok.encode(f"{fork}{question}{fork_end}"))
             org.forked.add(i)
-            org.query = self.tok.encode(question)
             self.fork_worker(org, i, queue)
         org.state = "parallel"  # never decodes: `aggregate` answers when every worker is done
 
