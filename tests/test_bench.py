@@ -1,0 +1,14 @@
+"""bench.py runs end to end in --quick mode (tiny model, a few seconds) and prints its four
+sections. It checks that the benchmark works, not how fast anything is: speed is measured by
+`python asyncthink.py bench` and recorded in BENCHMARKS.md."""
+
+import bench
+
+
+def test_quick_bench_prints_all_four_sections(capsys):
+    assert bench.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for header in ("## 1. Throughput", "## 2. Bookkeeping", "## 3. Async vs sequential",
+                   "## 4. KV cache memory"):
+        assert header in out, header
+    assert "MiB" in out and "x |" in out  # the tables hold figures and ratios
