@@ -12,3 +12,10 @@ def test_quick_bench_prints_all_four_sections(capsys):
                    "## 4. KV cache memory"):
         assert header in out, header
     assert "MiB" in out and "x |" in out  # the tables hold figures and ratios
+
+
+def test_training_speed_benchmark_runs(capsys):
+    import bench_train
+    assert bench_train.main(["--preset", "tiny", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "bare nanoGPT-style loop" in out and "MFU" in out and "train.py step" in out
