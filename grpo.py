@@ -1,7 +1,7 @@
 """
 Reinforcement learning for AsyncThink: a GRPO variant over whole organizer-worker structures.
 
-One rollout is a whole STRUCTURE: the organizer's trace and every worker's trace, produced by
+This file holds the pieces; train.py's RL stage runs them. One rollout is a whole STRUCTURE: the organizer's trace and every worker's trace, produced by
 the executor (batched, on the KV cache). For each question we sample G structures, score each
 with one reward, and turn the G rewards into group-relative advantages. The advantage of a
 structure is shared by EVERY TOKEN THE MODEL GENERATED in it, in every thread; prompts and the
@@ -34,21 +34,12 @@ organizer weighs 500 tokens, a 30-token worker 30. Averaging per thread first wo
 3-token worker the pull of the whole organizer and make short threads dominate the update.
 """
 
-import math
-import os
-import random
-import sys
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import asyncthink as A
-import protocol as P
 
 
 # -----------------------------------------------------------------------------
@@ -95,6 +86,18 @@ def advantages(rewards, group, kind="zscore", eps=1e-6):
 # -----------------------------------------------------------------------------
 # The policy loss on padded batches of threads
 
+def length_groups(rows, max_tokens):
+    """Sort rows (whose first field is a token list) by length and cut them into groups whose
+    padded size (rows x longest) stays within max_tokens: little padding, bounded memory."""
+    groups, group = [], []
+    for r in sorted(rows, key=lambda r: len(r[0])):
+        if group and (len(group) + 1) * len(r[0]) > max_tokens:
+            groups.append(group)
+            group = []
+        group.append(r)
+    return groups + [group] if group else groups
+
+
 def thread_batches(episodes, advs, max_tokens):
     """Every thread of every structure with a non-zero advantage, as padded micro-batches:
     x (B, T) input ids; y (B, T) target ids, -1 where there is no loss (prompt, injected,
@@ -110,17 +113,8 @@ def thread_batches(episodes, advs, max_tokens):
             gen = [False] * len(th.prompt) + [not inj for inj in th.injected]
             old = [0.0] * len(th.prompt) + th.logprobs
             rows.append((ids, gen, old, adv))
-    rows.sort(key=lambda r: len(r[0]))
-    batches, group = [], []
-    for r in rows:
-        if group and (len(group) + 1) * len(r[0]) > max_tokens:
-            batches.append(group)
-            group = []
-        group.append(r)
-    if group:
-        batches.append(group)
     out = []
-    for group in batches:
+    for group in length_groups(rows, max_tokens):
         T = max(len(r[0]) for r in group) - 1
         x = torch.zeros((len(group), T), dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)
@@ -153,32 +147,6 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logits=None):
     return loss, kl, stats
 
 
-# -----------------------------------------------------------------------------
-# The RL stage (called by train.py --stage rl)
-
-def load_policy(cfg, device):
-    """(model, tokenizer, checkpoint or None, start path) for the RL stage: resume rl.pt,
-    or start from the run folder's sft.pt, or (ablation) from random weights."""
-    import train
-    rl_path = os.path.join(cfg.run_dir, "rl.pt")
-    sft_path = os.path.join(cfg.run_dir, "sft.pt")
-    if cfg.resume and os.path.exists(rl_path):
-        model, tok = A.load_model(rl_path, device)
-        ckpt = torch.load(rl_path, map_location="cpu", weights_only=True)
-        train.check_compatible(ckpt, cfg, rl_path)
-        return model, tok, ckpt
-    if cfg.from_scratch:
-        tok = P.Tokenizer.bytes_level()
-        model, _ = train.build_model(cfg, tok, device)
-        return model, tok, None
-    if not os.path.exists(sft_path):
-        raise FileNotFoundError(f"no SFT checkpoint at {sft_path}: run `python train.py --stage sft` "
-                                f"with the same --run-dir/--task/--mode first (or pass --from-scratch)")
-    model, tok = A.load_model(sft_path, device)
-    train.check_compatible(torch.load(sft_path, map_location="cpu", weights_only=True), cfg, sft_path)
-    return model, tok, None
-
-
 def rollout(model, tok, cfg, rows, seed):
     """G structures per question with the batched executor; rows are already grouped."""
     run = A.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
@@ -186,110 +154,3 @@ def rollout(model, tok, cfg, rows, seed):
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows))
     episodes = A.Executor(model, tok, run).run(rows)
     return episodes, [A.record(ep, tok, run) for ep in episodes]
-
-
-def all_mean(values, world, device):
-    """Means over all ranks of a dict of floats."""
-    if world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return {k: v / world for k, v in zip(values, t.tolist())}
-
-
-def train_rl(cfg, rank, world, device, log):
-    import train
-    from tqdm import tqdm
-    model, tok, ckpt = load_policy(cfg, device)
-    path = os.path.join(cfg.run_dir, "rl.pt")
-    ref = None
-    if cfg.kl_coef > 0:  # the frozen starting policy, for the KL penalty
-        ref = type(model)(model.config).to(device)
-        ref.load_state_dict(model.state_dict())
-        ref.eval().requires_grad_(False)
-    optimizer = train.make_optimizer(model, cfg.rl_lr, 0.0)
-    rng = random.Random(cfg.seed * 7919 + rank)  # each rank draws its own questions
-    start = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        train.set_rng_state(rng, ckpt["rng"])
-        if rank == 0:
-            print(f"resuming RL from {path} at step {start}")
-    ddp = DDP(model) if world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and "cuda" in str(device) else nullcontext()
-    lam = 0.0 if cfg.no_concurrency_reward else cfg.lam
-    per_rank = max(1, cfg.questions // world)
-    stop = cfg.stop_at or cfg.rl_steps
-    bar = tqdm(range(start, stop), desc="rl", disable=rank != 0, initial=start, total=stop, file=sys.stderr)
-    for step in bar:
-        # 1. rollouts: G structures for each of this rank's questions
-        t0 = time.perf_counter()
-        questions = [train.new_puzzle(cfg, train.task_of(cfg, rng), rng) for _ in range(per_rank)]
-        rows = [q for q in questions for _ in range(cfg.group)]
-        episodes, records = rollout(model, tok, cfg, rows, seed=cfg.seed * 100003 + step * world + rank)
-        rewards = [reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty) for r in records]
-        advs = advantages([r.total for r in rewards], cfg.group, cfg.advantage)
-        t_rollout = time.perf_counter() - t0
-
-        # 2. updates: PPO-clipped surrogate, token-level mean over generated tokens
-        model.train()
-        batches = thread_batches(episodes, advs, cfg.micro_tokens)
-        if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
-            batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
-                        torch.zeros(1))]
-        n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _ in batches))
-        stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
-        for inner in range(cfg.inner_updates):
-            for j, (x, y, old, adv) in enumerate(batches):
-                x, y, old, adv = x.to(device), y.to(device), old.to(device), adv.to(device)
-                sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
-                with sync, autocast:
-                    ref_logits = None
-                    if ref is not None:
-                        with torch.no_grad():
-                            ref_logits = ref(x)
-                    loss, kl, s = policy_loss(fwd(x), y, old, adv, cfg.clip_eps, ref_logits)
-                    ((loss + cfg.kl_coef * kl) / n_gen).backward()
-                if inner == cfg.inner_updates - 1:  # statistics of the last pass
-                    stats["loss"] += loss.item() / n_gen
-                    stats["kl"] += kl.item() / n_gen
-                    stats["clipped"] += s["clipped"] / n_gen
-                    stats["entropy"] += s["entropy"] / n_gen
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (math.isfinite(stats["loss"] if inner == cfg.inner_updates - 1 else 0.0)
-                    and math.isfinite(float(norm))):
-                raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
-                                         f"the last good checkpoint is kept at {path}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        t_update = time.perf_counter() - t0 - t_rollout
-
-        # 3. log
-        n = len(records)
-        gen_tokens = sum(r["tokens"] for r in records)
-        row = all_mean({
-            "reward": sum(r.total for r in rewards) / n,
-            "reward_accuracy": sum(r.accuracy for r in rewards) / n,
-            "reward_concurrency": sum(r.concurrency for r in rewards) / n,
-            "format_error_rate": sum(r.format_error for r in rewards) / n,
-            "accuracy": sum(rec["correct"] for rec in records) / n,
-            "latency": sum(rec["latency"] for rec in records) / n,
-            "eta": sum(rec["concurrency"] for rec in records) / n,
-            "forks": sum(len(ep.organizer.children) for ep in episodes) / n,
-            "skipped_groups": sum(a == 0.0 for a in advs[::cfg.group]) / max(1, len(advs[::cfg.group])),
-            **stats,
-            "rollout_tokens_per_s": gen_tokens / t_rollout,
-            "rollout_s": t_rollout, "update_s": t_update}, world, device)
-        row = {"stage": "rl", "step": step + 1, **{k: round(v, 4) for k, v in row.items()}}
-        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
-                        eta=f"{row['eta']:.2f}", fe=f"{row['format_error_rate']:.2f}")
-        last = step + 1 == stop
-        if cfg.eval_every and rank == 0 and ((step + 1) % max(1, cfg.eval_every // 10) == 0 or last):
-            row.update(train.evaluate(model, tok, cfg, cfg.eval_n))
-        log.write(row)
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
-            train.save(path, model, optimizer, step + 1, rng, cfg, train.tokenizer_spec(cfg))
-    bar.close()
-    return path

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import asyncthink as A
+import grpo
 import protocol as P
 import tasks
 import traces
@@ -131,17 +132,8 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
 def micro_batches(seqs, micro_tokens, pad_id):
     """Group sequences of similar length (sorted) into padded (x, y) batches of about
     micro_tokens tokens each. y is x shifted by one, -1 where there is no loss."""
-    seqs = sorted(seqs, key=lambda s: len(s[0]))
-    batches, group = [], []
-    for s in seqs:
-        if group and (len(group) + 1) * len(s[0]) > micro_tokens:
-            batches.append(group)
-            group = []
-        group.append(s)
-    if group:
-        batches.append(group)
     out = []
-    for group in batches:
+    for group in grpo.length_groups(seqs, micro_tokens):
         T = max(len(ids) for ids, _ in group) - 1
         x = torch.full((len(group), T), pad_id, dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)
@@ -370,6 +362,137 @@ def train_sft(cfg, rank, world, device, log):
 
 
 # -----------------------------------------------------------------------------
+# Stage 2: RL (the GRPO pieces are in grpo.py)
+
+def load_policy(cfg, device):
+    """(model, tokenizer, checkpoint or None) for the RL stage: resume rl.pt,
+    or start from the run folder's sft.pt, or (ablation) from random weights."""
+    rl_path = os.path.join(cfg.run_dir, "rl.pt")
+    sft_path = os.path.join(cfg.run_dir, "sft.pt")
+    if cfg.resume and os.path.exists(rl_path):
+        model, tok = A.load_model(rl_path, device)
+        ckpt = torch.load(rl_path, map_location="cpu", weights_only=True)
+        check_compatible(ckpt, cfg, rl_path)
+        return model, tok, ckpt
+    if cfg.from_scratch:
+        tok = P.Tokenizer.bytes_level()
+        model, _ = build_model(cfg, tok, device)
+        return model, tok, None
+    if not os.path.exists(sft_path):
+        raise FileNotFoundError(f"no SFT checkpoint at {sft_path}: run `python train.py --stage sft` "
+                                f"with the same --run-dir/--task/--mode first (or pass --from-scratch)")
+    model, tok = A.load_model(sft_path, device)
+    check_compatible(torch.load(sft_path, map_location="cpu", weights_only=True), cfg, sft_path)
+    return model, tok, None
+
+
+def all_mean(values, world, device):
+    """Means over all ranks of a dict of floats."""
+    if world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: v / world for k, v in zip(values, t.tolist())}
+
+
+def train_rl(cfg, rank, world, device, log):
+    from tqdm import tqdm
+    model, tok, ckpt = load_policy(cfg, device)
+    path = os.path.join(cfg.run_dir, "rl.pt")
+    ref = None
+    if cfg.kl_coef > 0:  # the frozen starting policy, for the KL penalty
+        ref = type(model)(model.config).to(device)
+        ref.load_state_dict(model.state_dict())
+        ref.eval().requires_grad_(False)
+    optimizer = make_optimizer(model, cfg.rl_lr, 0.0)
+    rng = random.Random(cfg.seed * 7919 + rank)  # each rank draws its own questions
+    start = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        set_rng_state(rng, ckpt["rng"])
+        if rank == 0:
+            print(f"resuming RL from {path} at step {start}")
+    ddp = DDP(model) if world > 1 else model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and "cuda" in str(device) else nullcontext()
+    lam = 0.0 if cfg.no_concurrency_reward else cfg.lam
+    per_rank = max(1, cfg.questions // world)
+    stop = cfg.stop_at or cfg.rl_steps
+    bar = tqdm(range(start, stop), desc="rl", disable=rank != 0, initial=start, total=stop, file=sys.stderr)
+    for step in bar:
+        # 1. rollouts: G structures for each of this rank's questions
+        t0 = time.perf_counter()
+        questions = [new_puzzle(cfg, task_of(cfg, rng), rng) for _ in range(per_rank)]
+        rows = [q for q in questions for _ in range(cfg.group)]
+        episodes, records = grpo.rollout(model, tok, cfg, rows, seed=cfg.seed * 100003 + step * world + rank)
+        rewards = [grpo.reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty) for r in records]
+        advs = grpo.advantages([r.total for r in rewards], cfg.group, cfg.advantage)
+        t_rollout = time.perf_counter() - t0
+
+        # 2. updates: PPO-clipped surrogate, token-level mean over generated tokens
+        model.train()
+        batches = grpo.thread_batches(episodes, advs, cfg.micro_tokens)
+        if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
+            batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
+                        torch.zeros(1))]
+        n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _ in batches))
+        stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
+        for inner in range(cfg.inner_updates):
+            for j, (x, y, old, adv) in enumerate(batches):
+                x, y, old, adv = x.to(device), y.to(device), old.to(device), adv.to(device)
+                sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
+                with sync, autocast:
+                    ref_logits = None
+                    if ref is not None:
+                        with torch.no_grad():
+                            ref_logits = ref(x)
+                    loss, kl, s = grpo.policy_loss(fwd(x), y, old, adv, cfg.clip_eps, ref_logits)
+                    ((loss + cfg.kl_coef * kl) / n_gen).backward()
+                if inner == cfg.inner_updates - 1:  # statistics of the last pass
+                    stats["loss"] += loss.item() / n_gen
+                    stats["kl"] += kl.item() / n_gen
+                    stats["clipped"] += s["clipped"] / n_gen
+                    stats["entropy"] += s["entropy"] / n_gen
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not (math.isfinite(stats["loss"] if inner == cfg.inner_updates - 1 else 0.0)
+                    and math.isfinite(float(norm))):
+                raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
+                                         f"the last good checkpoint is kept at {path}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - t0 - t_rollout
+
+        # 3. log
+        n = len(records)
+        gen_tokens = sum(r["tokens"] for r in records)
+        row = all_mean({
+            "reward": sum(r.total for r in rewards) / n,
+            "reward_accuracy": sum(r.accuracy for r in rewards) / n,
+            "reward_concurrency": sum(r.concurrency for r in rewards) / n,
+            "format_error_rate": sum(r.format_error for r in rewards) / n,
+            "accuracy": sum(rec["correct"] for rec in records) / n,
+            "latency": sum(rec["latency"] for rec in records) / n,
+            "eta": sum(rec["concurrency"] for rec in records) / n,
+            "forks": sum(len(ep.organizer.children) for ep in episodes) / n,
+            "skipped_groups": sum(a == 0.0 for a in advs[::cfg.group]) / max(1, len(advs[::cfg.group])),
+            **stats,
+            "rollout_tokens_per_s": gen_tokens / t_rollout,
+            "rollout_s": t_rollout, "update_s": t_update}, world, device)
+        row = {"stage": "rl", "step": step + 1, **{k: round(v, 4) for k, v in row.items()}}
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
+                        eta=f"{row['eta']:.2f}", fe=f"{row['format_error_rate']:.2f}")
+        last = step + 1 == stop
+        if cfg.eval_every and rank == 0 and ((step + 1) % max(1, cfg.eval_every // 10) == 0 or last):
+            row.update(evaluate(model, tok, cfg, cfg.eval_n))
+        log.write(row)
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
+            save(path, model, optimizer, step + 1, rng, cfg, tokenizer_spec(cfg))
+    bar.close()
+    return path
+
+
+# -----------------------------------------------------------------------------
 # Entry point
 
 def parse_args(argv=None):
@@ -418,8 +541,7 @@ def main(argv=None):
         if cfg.stage == "sft":
             path = train_sft(cfg, rank, world, device, log)
         else:
-            import grpo
-            path = grpo.train_rl(cfg, rank, world, device, log)
+            path = train_rl(cfg, rank, world, device, log)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

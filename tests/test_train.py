@@ -1,6 +1,7 @@
 """train.py end to end on the tiny preset: smoke runs of both stages, exact resume, refusal of
 foreign checkpoints, atomic saves, and DDP with two CPU processes."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -118,7 +119,10 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tmp_path, monkeypatch, 
 def test_ddp_two_cpu_processes(tmp_path):
     d = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as s:  # a free port, so parallel runs do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                 "train.py"]
     r = subprocess.run(torchrun + ["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "2"],
                        capture_output=True, text=True, env=env, timeout=300)
