@@ -455,8 +455,7 @@ def train_rl(cfg, rank, world, device, log):
                     stats["clipped"] += s["clipped"] / n_gen
                     stats["entropy"] += s["entropy"] / n_gen
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not (math.isfinite(stats["loss"] if inner == cfg.inner_updates - 1 else 0.0)
-                    and math.isfinite(float(norm))):
+            if not math.isfinite(float(norm)):  # a NaN or inf anywhere in the loss reaches the norm
                 raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
                                          f"the last good checkpoint is kept at {path}")
             optimizer.step()
