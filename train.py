@@ -546,6 +546,7 @@ def main(argv=None):
         return 2
     finally:
         if dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still uses it
             dist.destroy_process_group()
     if rank == 0:
         png = plot_curves(cfg.run_dir)
