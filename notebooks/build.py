@@ -1064,9 +1064,10 @@ EXPERIMENTS = [
     md("""
     ## Results: from `results/results.json`, or a small run
 
-    The experiments command writes `{"rows": [{name, mode, task, capacity, all_correct, ge1,
-    latency, eta, tokens, format_error_rate, ...}, ...]}`. We read what is there and tolerate
-    missing keys; fractions in [0, 1] are shown as percentages.
+    The experiments command (`python experiments.py`) writes `results/results.json`:
+    `{"rows": [{name, mode, task, capacity, all_correct, ge1, latency, eta, tokens,
+    format_error_rate, ...}, ...]}`, accuracies and rates in percent. We read what is there and
+    tolerate missing keys. (Set `ASYNCTHINK_RESULTS` to read another file.)
     """),
     code("""
     import json, math
@@ -1076,21 +1077,20 @@ EXPERIMENTS = [
         \"\"\"The first of `keys` present in the row (names differ between writers), else None.\"\"\"
         return next((row[k] for k in keys if row.get(k) is not None), None)
 
-    def percent(x):
-        return None if x is None else 100 * x if x <= 1 else x
-
     def normalise(row):
         return dict(name=pick(row, "name") or pick(row, "mode") or "?", mode=pick(row, "mode") or "?",
                     task=pick(row, "task") or "countdown", capacity=pick(row, "capacity", "c"),
-                    all_correct=percent(pick(row, "all_correct", "eval_all", "accuracy", "correct")),
-                    ge1=percent(pick(row, "ge1", "eval_ge1")),
-                    latency=pick(row, "latency", "eval_latency"), eta=pick(row, "eta", "concurrency", "eval_eta"),
-                    tokens=pick(row, "tokens", "eval_tokens"),
-                    format_error_rate=percent(pick(row, "format_error_rate", "format_errors")))
+                    all_correct=pick(row, "all_correct"), ge1=pick(row, "ge1"),
+                    latency=pick(row, "latency"), eta=pick(row, "eta", "concurrency"), tokens=pick(row, "tokens"),
+                    format_error_rate=pick(row, "format_error_rate"))
 
-    results_path = os.path.join(ROOT, "results", "results.json")
+    results_path = os.environ.get("ASYNCTHINK_RESULTS") or os.path.join(ROOT, "results", "results.json")
     source = results_path if os.path.exists(results_path) else None
-    results = [normalise(r) for r in json.load(open(results_path))["rows"]] if source else []
+    results = [normalise(r) for r in json.load(open(results_path)).get("rows", [])] if source else []
+    unique = {}  # a results file may list a row twice (e.g. in two tables): keep the first
+    for r in results:
+        unique.setdefault((r["task"], r["name"]), r)
+    results = list(unique.values())
     print(f"{len(results)} rows from {source}" if source else "no results/results.json: a small run follows")
     """),
     md("""
@@ -1139,27 +1139,36 @@ EXPERIMENTS = [
     code("""
     %matplotlib inline
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     colors = {"sequential": "tab:blue", "parallel": "tab:orange", "async": "tab:green"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        if r["latency"] is None or r["all_correct"] is None:
-            continue
-        c = colors.get(r["mode"], "tab:grey")
-        ax.scatter(r["latency"], r["all_correct"], color=c, s=60, label=f"{r['name']}: all correct")
-        if r["ge1"] is not None:
-            ax.scatter(r["latency"], r["ge1"], facecolors="none", edgecolors=c, s=60, label=f"{r['name']}: ≥1 correct")
-        ax.annotate(r["name"], (r["latency"], r["all_correct"]), textcoords="offset points",
-                    xytext=(5, 5 + 11 * results.index(r)), fontsize=8)
-    ax.set_xlabel("latency (decoding steps on the critical path)")
-    ax.set_ylabel("accuracy (% of test puzzles)")
-    ax.set_ylim(-5, 105)
-    ax.set_title("accuracy vs latency of the trained models")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.grid(alpha=0.3)
+    shown = [r for r in results if r["latency"] is not None and r["all_correct"] is not None]
+    task_names = sorted({r["task"] for r in shown})
+    fig, axes = plt.subplots(1, len(task_names), figsize=(6.5 * len(task_names), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], task_names):
+        labels = {}  # models at the same point share one label
+        for r in (r for r in shown if r["task"] == task):
+            c = colors.get(r["mode"], "tab:grey")
+            ax.scatter(r["latency"], r["all_correct"], color=c, s=60)
+            if r["ge1"] is not None:
+                ax.scatter(r["latency"], r["ge1"], facecolors="none", edgecolors=c, s=60)
+            labels.setdefault((round(r["latency"]), round(r["all_correct"])), []).append(r["name"])
+        for (x, y), names in labels.items():
+            ax.annotate("\\n".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xlabel("latency (decoding steps on the critical path)")
+        ax.set_ylabel("accuracy (% of test puzzles)")
+        ax.set_ylim(-5, 105)
+        ax.set_title(f"{task}: accuracy vs latency of the trained models")
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(handles=[Line2D([], [], marker="o", ls="", color=c, label=m) for m, c in colors.items()]
+                       + [Line2D([], [], marker="o", ls="", color="k", label="all correct"),
+                          Line2D([], [], marker="o", ls="", markerfacecolor="none", color="k", label="≥1 correct")],
+                       fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
     plt.show()
     for r in results:
-        print(f"{r['name']:<26} format errors {fmt(r['format_error_rate'])}%  episodes stopped by: {r.get('stops', '–')}")
+        print(f"{r['name']:<26} format errors {fmt(r['format_error_rate'])}%"
+              + (f"  episodes stopped by: {r['stops']}" if r.get("stops") else ""))
     """),
     md("""
     **What this shows, honestly.** If these points come from the small run above, they are all at
