@@ -36,6 +36,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     layer_norm_eps: float = 1e-5  # GPT-2's value
+    rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -46,12 +47,31 @@ class GPTConfig:
 
 
 # Parameter counts with vocab_size=300 (embeddings included, tied weights counted once):
-#   tiny ~0.04M (unit tests), small ~2.0M (CPU default), gpu ~26.5M (one GPU).
+#   tiny ~0.04M (unit tests), small ~1.8M (CPU default), gpu ~25M (one GPU).
+# The trained presets use rotary positions: AsyncThink threads copy numbers from their prompt
+# and from joined results, and copying needs "look k tokens back" heads, which rotary gives
+# for free and a learned table must learn at every position (measured in BENCHMARKS.md).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
-    "small": dict(n_layer=4, n_head=4, n_embd=192, block_size=1024),
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048),
+    "small": dict(n_layer=4, n_head=4, n_embd=192, block_size=1024, rope=True),
+    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048, rope=True),
 }
+
+
+def rotary(x, pos, base=10000.0):
+    """Rotate queries or keys by their positions (RoPE, Su et al. 2021).
+
+    x (B, T, nh, hd), pos (B, T) or (T,). Channel pairs (i, i + hd/2) turn by the angle
+    pos * base**(-2i/hd). A query at position p and a key at position s then meet in the dot
+    product only through p - s: attention sees relative positions, whatever p is. Keys are
+    rotated before they go into the KV cache, so cached decoding needs nothing more.
+    """
+    half = x.size(-1) // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hd/2,)
+    angles = pos.to(torch.float32)[..., None] * freqs  # (B, T, hd/2) or (T, hd/2)
+    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # broadcast over heads
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,16 +92,22 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.rope = config.rope
 
-    def qkv(self, x):
+    def qkv(self, x, pos):
+        """Queries, keys, values, each (B, T, nh, hd); pos (B, T) or (T,) for rotary."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         shape = (B, T, self.n_head, C // self.n_head)
-        return q.view(shape), k.view(shape), v.view(shape)  # each (B, T, nh, hd)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        if self.rope:
+            q, k = rotary(q, pos), rotary(k, pos)
+        return q, k, v
 
     def forward(self, x):
         B, T, C = x.size()
-        q, k, v = (t.transpose(1, 2) for t in self.qkv(x))  # (B, nh, T, hd)
+        pos = torch.arange(T, device=x.device)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x, pos))  # (B, nh, T, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -92,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         layer's cache; slots (B,); pos (B, T) absolute positions of the new tokens;
         mask (B, 1, T, L) True where a query may look at a key."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x)
+        q, k, v = self.qkv(x, pos)
         # 1. write the new keys/values at their positions in their slots
         k_cache[slots[:, None], pos] = k
         v_cache[slots[:, None], pos] = v
@@ -141,7 +167,8 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position embedding
+            # learned position embedding (GPT-2); rotary models rotate q and k instead
+            wpe=nn.Identity() if config.rope else nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
@@ -176,7 +203,10 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        if not self.config.rope:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -235,7 +265,9 @@ class GPT(nn.Module):
         mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
         pos, mask = pos.to(idx.device), mask.to(idx.device)
 
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        x = self.transformer.wte(idx)
+        if not self.config.rope:
+            x = x + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask)
         logits = self.lm_head(self.transformer.ln_f(x))

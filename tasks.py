@@ -340,7 +340,7 @@ class CountdownPreset:
 
 
 COUNTDOWN_PRESETS = {
-    "small": CountdownPreset(n_numbers=6, lo=1, hi=25, target_lo=10, target_hi=99, k=4),
+    "small": CountdownPreset(n_numbers=6, lo=1, hi=12, target_lo=10, target_hi=30, k=4),
     "paper": CountdownPreset(n_numbers=12, lo=1, hi=99, target_lo=100, target_hi=999, k=4),
 }
 

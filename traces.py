@@ -2,38 +2,38 @@
 Synthetic organizer/worker traces for the cold-start format SFT.
 
 The paper had GPT-4o write traces; here small solvers write them, so every line of arithmetic in
-a trace is true. Three thinking modes share the same building block, an ATTEMPT: a first step,
-then the search for a completion written out step by step.
+a trace is true. The design rule: every token a thread writes follows from what it has already
+seen, by arithmetic on one or two numbers or by looking a number up; nothing is guessed. A small
+model can learn to write such text exactly, and then its answers are right. (A first design
+wrote the solver's hidden search result, "make 30: 12+21=33 33-3=30", which a 2M-parameter model
+cannot guess: 0% correct after SFT. See BENCHMARKS.md.)
 
-Countdown, worked example (numbers 3 7 12 19 21 25, target 48, k = 4). One attempt at the
-first step 25-7 reads
+Countdown, worked example (numbers 2 3 4 5 9 12, target 30, k = 4). The building block is an
+ATTEMPT at one first step on a pair: its value v, the distance d to the target, and a scan for d
+among the numbers left, or for d = c + e with two of them:
 
-    25-7=18              the first step and its value
-    +30: 12+21=33 33-3=30   48 = 18 + 30; make 30 from what is left, one step per operation
-    -> 25-7+12+21-3      the whole expression (or "-> none" when no completion is found)
+    12+9=21 +9: 9-2=7 9-3=6 9-4=5 ok     30 - 21 = 9; 9-2=7 is not left, 9-3=6 neither, 9-4=5 is
+    -> 12+9+4+5                          the expression (attempts that fail end in "no")
 
-The relations tried are `+R` (R = target - v), `-R` (R = v - target), `*R` (R = target / v) and
-`/R` (R = v / target), whichever apply, until one has a completion. Short threads with explicit
-arithmetic are learnable by a small model; long hidden searches are not (see the issue's probe).
+A worker's job is one PAIR of numbers: an attempt for each first step on it (12+9, 12-9,
+12*9, 12/9 when exact), then <RETURN> with what it found ("none" if nothing).
 
-* sequential: the organizer alone writes attempts one after another ("try 25-7\n" + attempt)
-  and keeps a tally ("ok 2", "dup", "no") until it has k distinct answers or its budget ends.
+* sequential: the organizer does every pair itself, largest pairs first ("12 9" on its own
+  line, the attempts, then "ok n" with n found so far, or "no"), until it has k.
 * parallel: the organizer forks the whole question to N workers; each does the sequential search
-  in its own order and returns what it found; the organizer joins all and answers the union.
-* async: the organizer decomposes the search by FIRST STEP: each sub-query is one first step
-  with the remaining numbers and the target ("25-7 then 3 12 19 21 to 48"), a worker writes one
-  attempt and returns the expression or "none". The organizer keeps up to c-1 workers running
-  (fork, fork, fork, join, fork, join, ...), tallies each join ("ok 2" new, "dup" same solution
-  as before, "no"), stops forking once it has k, and answers. With probability `hint_share` the
-  trace follows a random action sequence written into the prompt ("plan F1 F2 J1 ...") instead:
+  in its own random pair order; the organizer joins all and answers the union.
+* async: the organizer forks one worker per pair, largest first ("12 9 then 2 3 4 5 to 30"),
+  keeps up to c-1 running (fork, fork, fork, join, fork, join, ...), tallies each join ("ok 3"
+  or "no"), stops forking once it has k, and answers. With probability `hint_share` the trace
+  follows a random action sequence written into the prompt ("plan F1 F2 J1 ...") instead:
   structure initialization, so the model learns many topologies, not one.
 
-    <ORGANIZER>countdown 4 of 3 7 12 19 21 25 to 48
-    <FORK-1>25-7 then 3 12 19 21 to 48</FORK-1><FORK-2>...</FORK-2><FORK-3>...</FORK-3>
-    <JOIN-1>25-7+12+21-3</JOIN-1> ok 1
+    <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
+    <FORK-1>12 9 then 2 3 4 5 to 30</FORK-1><FORK-2>12 5 then ...</FORK-2><FORK-3>...</FORK-3>
+    <JOIN-1>12+9+4+5</JOIN-1> ok 1
     <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
     ...
-    <ANSWER>25-7+12+21-3, ..., ..., ...</ANSWER>
+    <ANSWER>12+9+4+5, ..., ..., ...</ANSWER>
 
 Sudoku 4x4 (cells r1c1..r4c4, grid row-major, '.' blank). An attempt fills one UNIT (a row):
 for each blank cell it writes the digits the cell's row, column and box exclude and what is
@@ -42,7 +42,8 @@ with blanks, joins them, writes the merged grid ("grid 12.4....") and repeats ro
 grid is full. Sequential does the same rows itself; parallel forks the whole puzzle to N workers
 (each solving it sequentially, rows in its own order) and answers the majority grid.
 
-Traces need not be optimal: attempts are budgeted and may fail, which leaves RL work to do.
+Traces need not be optimal: the scan misses solutions (about 7% of small puzzles have fewer than
+k it can find) and hinted structures stop early, which leaves RL work to do.
 """
 
 import random
@@ -81,77 +82,46 @@ def first_steps(numbers):
     return steps
 
 
-def make_number(values, goal, max_steps=3):
-    """The shortest list of steps [(a, op, b, c), ...] that makes `goal` from some of `values`
-    (each at most once), or None. [] means goal is itself one of the values."""
-    if goal in values:
-        return []
-    frontier = [(tuple(sorted(values)), [])]
-    for _ in range(max_steps):
-        nxt = []
-        for vals, steps in frontier:
-            for i in range(len(vals)):
-                for j in range(len(vals)):
-                    if i == j:
-                        continue
-                    for op in "+-*/":
-                        if op in "+*" and vals[i] < vals[j]:
-                            continue
-                        c = apply(vals[i], op, vals[j])
-                        if c is None:
-                            continue
-                        step = steps + [(vals[i], op, vals[j], c)]
-                        if c == goal:
-                            return step
-                        rest = [v for k, v in enumerate(vals) if k not in (i, j)] + [c]
-                        nxt.append((tuple(sorted(rest)), step))
-        frontier = nxt
-    return None
+def countdown_attempt(first, rest, target):
+    r"""One attempt: (text, expression or None). `first` is (a, op, b, v), a >= b.
 
+    Every token of the text follows from what is already written, by arithmetic on one or two
+    numbers or by looking a number up among those left: nothing is guessed, so a small model can
+    learn to write it exactly. The search it writes out: with v = a op b and d = |target - v|,
+    is d itself left ("have"), or is d = c + e for two numbers left (try each c < d in order)?
 
-def steps_to_expression(steps):
-    """Rebuild one expression from steps: a value made by an earlier step stands for the
-    expression that made it.
+    >>> countdown_attempt((9, "+", 8, 17), [2, 3, 5, 7], 27)
+    ('9+8=17 +10: 10-2=8 10-3=7 ok\n-> 9+8+3+7', '9+8+3+7')
+    >>> countdown_attempt((9, "*", 8, 72), [2, 3, 5, 7], 27)
+    ('9*8=72 -45: 45-2=43 45-3=42 45-5=40 45-7=38 no', None)
 
-    >>> steps_to_expression([(12, "+", 21, 33), (33, "-", 3, 30)]).text
-    '12+21-3'
+    A sum of several numbers would be found once by every pair in it, so after a+b or a-b the
+    search uses only numbers below b: each sum is found by its two largest numbers, and workers
+    never return the same solution twice (the organizer just counts). Here 9+7 skips 8:
+
+    >>> countdown_attempt((9, "+", 7, 16), [2, 3, 5, 8], 27)
+    ('9+7=16 +11: 11-2=9 11-3=8 11-5=6 no', None)
     """
-    made = []  # (value, Expr) of intermediate results not yet used
-    for a, op, b, c in steps:
-        parts = []
-        for x in (a, b):
-            k = next((k for k, (v, _) in enumerate(made) if v == x), None)
-            parts.append(made.pop(k)[1] if k is not None else tasks.leaf(x))
-        made.append((c, tasks.combine(op, parts[0], parts[1])))
-    return made[-1][1]
-
-
-def countdown_attempt(first, rest, target, max_steps=2):
-    """One attempt: (text, expression or None). `first` is (a, op, b, v)."""
     a, op, b, v = first
     head = f"{a}{op}{b}"
-    lines = [f"{head}={v}"]
+    text = f"{head}={v}"
+    found = lambda expr: (f"{text} ok\n-> {expr}", expr)
     if v == target:
-        lines.append(f"-> {head}")
-        return "\n".join(lines), head
-    relations = [("+", target - v, "+") if v < target else ("-", v - target, "-")]
-    if v > 1 and target % v == 0:
-        relations.append(("*", target // v, "*"))
-    if v > target and v % target == 0:
-        relations.append(("/", v // target, "/"))
-    for sign, goal, op in relations:
-        steps = make_number(rest, goal, max_steps)
-        if steps is None:
-            lines.append(f"{sign}{goal}: no")
-            continue
-        shown = " ".join(f"{x}{o}{y}={z}" for x, o, y, z in steps) if steps else f"have {goal}"
-        lines.append(f"{sign}{goal}: {shown}")
-        first_expr = tasks.combine(first[1], tasks.leaf(a), tasks.leaf(b))
-        expr = tasks.combine(op, first_expr, steps_to_expression(steps) if steps else tasks.leaf(goal)).text
-        lines.append(f"-> {expr}")
-        return "\n".join(lines), expr
-    lines.append("-> none")
-    return "\n".join(lines), None
+        return found(head)
+    d, sign = (target - v, "+") if v < target else (v - target, "-")
+    left = [x for x in rest if x < b] if op in "+-" else rest
+    text += f" {sign}{d}:"
+    if d in left:
+        text += " have"
+        return found(f"{head}{sign}{d}")
+    for c in left:
+        if c >= d:
+            break
+        e = d - c
+        text += f" {d}-{c}={e}"
+        if e in left and e != c:
+            return found(f"{head}+{c}+{e}" if sign == "+" else f"{head}-({c}+{e})")
+    return text + " no", None
 
 
 def countdown_subquery(first, numbers, target):
@@ -285,36 +255,18 @@ def run_structure(org: Organizer, n_tasks, capacity, actions=None, on_fork=None,
 # -----------------------------------------------------------------------------
 # Countdown traces in the three modes
 
-def _tally(found, expr, numbers, target):
-    """Record an expression; the organizer's note: 'ok n' (new), 'dup' or 'no'."""
-    if expr is None:
-        return "no"
-    key = tasks.canonical(expr)
-    if key in found:
-        return "dup"
-    found[key] = expr
-    return f"ok {len(found)}"
-
-
-def countdown_search(numbers, target, k, order, budget):
-    """The sequential search: attempts in `order` until k distinct or the budget ends.
-    Returns (text, found) where found maps canonical -> expression."""
-    found, blocks = {}, []
-    for first in order[:budget]:
-        _, rest = countdown_subquery(first, numbers, target)
-        text, expr = countdown_attempt(first, rest, target)
-        blocks.append(f"{text} {_tally(found, expr, numbers, target)}")
-        if len(found) >= k:
-            break
-    return "\n".join(blocks), found
+def pairs_in_order(numbers):
+    """Every pair (a, b) with a > b, largest first: for 2 5 9 12 that is (12, 9), (12, 5),
+    (12, 2), (9, 5), (9, 2), (5, 2). One fixed order the organizer can follow token by token;
+    big pairs first, because their sums land nearest the targets."""
+    desc = sorted(numbers, reverse=True)
+    return [(a, b) for i, a in enumerate(desc) for b in desc[i + 1:]]
 
 
 def pair_attempts(a, b, numbers, target):
     """A worker's job in async mode: every first step on the pair (a, b), one attempt each.
     Returns (text, [expressions found])."""
-    rest = list(numbers)
-    rest.remove(a)
-    rest.remove(b)
+    rest = [x for x in numbers if x not in (a, b)]
     blocks, found = [], []
     for first in first_steps([a, b]):
         text, expr = countdown_attempt(first, rest, target)
@@ -324,30 +276,50 @@ def pair_attempts(a, b, numbers, target):
     return "\n".join(blocks), found
 
 
-def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_parallel=None,
-                    hint_share=0.5):
-    """budget: attempts (first steps) of the sequential thread and, split N ways, of the
-    parallel workers; the async organizer forks at most one worker per pair of numbers."""
+def count_new(found, exprs):
+    """Add expressions to `found` (canonical form -> expression) and return the tally the
+    organizer writes: 'ok n' when something new came in (n found so far), else 'no'."""
+    before = len(found)
+    for expr in exprs:
+        found.setdefault(tasks.canonical(expr), expr)
+    return f"ok {len(found)}" if len(found) > before else "no"
+
+
+def countdown_search(numbers, target, k, pairs):
+    """The sequential search: the same work as the async workers, done in one thread, pair by
+    pair ("12 9" on a line, its attempts, then the tally) until k are found.
+    Returns (text, found) where found maps canonical form -> expression."""
+    found, blocks = {}, []
+    for a, b in pairs:
+        text, got = pair_attempts(a, b, numbers, target)
+        blocks.append(f"{a} {b}\n{text}\n{count_new(found, got)}")
+        if len(found) >= k:
+            break
+    return "\n".join(blocks), found
+
+
+def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5):
+    """Sequential: all pairs in order in one thread. Parallel: N workers each do that search
+    on the whole question in their own random order, the organizer answers the union. Async:
+    one worker per pair, at most c-1 at once, stop forking at k."""
     numbers, target, k = row["numbers"], row["target"], row["k"]
     question = P.question_text(row)
-    order = first_steps(numbers)
-    rng.shuffle(order)
+    pairs = pairs_in_order(numbers)[:P.MAX_FORKS]
     if mode == "sequential":
-        text, found = countdown_search(numbers, target, k, order, budget)
+        text, found = countdown_search(numbers, target, k, pairs)
         return sequential_trace(row, text, list(found.values())[:k])
 
     if mode == "parallel":
         n = n_parallel or capacity - 1
         org, found = Organizer(P.organizer_prompt(question)), {}
         for i in range(1, n + 1):
-            own = order[:]
+            own = pairs[:]
             rng.shuffle(own)
-            text, got = countdown_search(numbers, target, k, own, max(1, budget // n))
+            text, got = countdown_search(numbers, target, k, own)
             org.fork(i, question, text, P.ANSWER_SEPARATOR.join(got.values()) or "none")
         for i in range(1, n + 1):
             joined = org.join(i)
-            for expr in P.parse_answer(joined, "countdown"):
-                found.setdefault(tasks.canonical(expr), expr)
+            count_new(found, P.parse_answer(joined, "countdown"))
             org.say(f" ok {len(found)}\n")
         answers = list(found.values())[:k]
         org.answer(answers)
@@ -355,9 +327,6 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_para
 
     if mode != "async":
         raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
-    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
-    rng.shuffle(pairs)
-    pairs = [(max(p), min(p)) for p in pairs[:P.MAX_FORKS]]
     actions = None
     if rng.random() < hint_share:
         actions = P.sample_structure(rng, rng.randint(2, min(8, len(pairs))), capacity)
@@ -372,10 +341,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, budget=24, n_para
                  P.ANSWER_SEPARATOR.join(got) or "none")
 
     def on_join(i):
-        before = len(found)
-        for expr in P.parse_answer(org.join(i), "countdown"):
-            found.setdefault(tasks.canonical(expr), expr)
-        org.say(f" ok {len(found)}\n" if len(found) > before else " no\n")
+        org.say(f" {count_new(found, P.parse_answer(org.join(i), 'countdown'))}\n")
 
     run_structure(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]

@@ -208,7 +208,11 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     """Greedy episodes on fresh validation puzzles: the metrics the paper reports."""
     rng = random.Random(seed)
     rows = [new_puzzle(cfg, task_of(cfg, rng), rng, split="val") for _ in range(n)]
-    run = A.RunConfig(mode=mode or cfg.mode, capacity=cfg.capacity, temperature=0.0,
+    mode = mode or cfg.mode
+    # Parallel thinking is N independent samples of one question: greedy workers would all
+    # write the same text, so they sample at the RL temperature (seeded, reproducible).
+    run = A.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
+                      temperature=cfg.temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
     raw = getattr(model, "_orig_mod", model)
@@ -521,6 +525,9 @@ def parse_args(argv=None):
     values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     cfg = TrainConfig(**values)
     cfg.run_dir = cfg.run_dir or os.path.join("runs", f"{cfg.task}-{cfg.mode}")
+    if cfg.mode == "parallel" and args.max_worker_tokens is None:
+        # a parallel worker thinks through the whole question, as long as a sequential thinker
+        cfg.max_worker_tokens = cfg.max_organizer_tokens
     for name in ("sft_steps", "sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
                  "inner_updates", "eval_n"):
         if getattr(cfg, name) <= 0:

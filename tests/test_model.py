@@ -10,17 +10,38 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, KVCache, PRESETS  # noqa: E402
+from model import GPT, GPTConfig, KVCache, PRESETS, rotary  # noqa: E402
 
 V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=[False, True], ids=["learned-positions", "rotary"])
+def model(request):
     torch.manual_seed(0)
-    m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64))
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param))
     return m.eval()
+
+
+def test_rotary_is_a_complex_rotation_and_sees_only_relative_position():
+    """Oracle: channel pair (i, i + hd/2) read as the complex number x_i + j*x_{i+hd/2} is
+    multiplied by exp(j * pos * 10000**(-2i/hd)); and a query/key dot product is unchanged
+    when both positions shift by the same amount."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, 8, generator=g, dtype=torch.float64)  # (B, T, nh, hd)
+    pos = torch.tensor([[0, 1, 2, 7, 40], [3, 3, 9, 100, 1000]])
+    half = 4
+    z = torch.complex(x[..., :half], x[..., half:])
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)
+    z = z * torch.exp(1j * pos[..., None, None].double() * theta)
+    expected = torch.cat([z.real, z.imag], dim=-1)
+    torch.testing.assert_close(rotary(x, pos), expected, atol=1e-5, rtol=1e-5)
+
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    def score(p, s):
+        return (rotary(q, torch.tensor([[p]])) * rotary(k, torch.tensor([[s]]))).sum().item()
+    assert score(9, 4) == pytest.approx(score(109, 104), abs=1e-4)
+    assert score(9, 4) != pytest.approx(score(9, 5), abs=1e-4)
 
 
 def full_logits(model, seq):

@@ -111,9 +111,25 @@ def test_unknown_mode_and_task():
 
 
 def test_worker_search_helpers():
-    assert traces.make_number([3, 12, 19, 21], 21) == []
-    assert traces.make_number([3, 12, 19, 21], 33) == [(21, "+", 12, 33)]
-    assert traces.make_number([2, 3], 100) is None
     text, expr = traces.countdown_attempt((25, "-", 7, 18), [3, 12, 19, 21], 48)
-    assert text.splitlines()[0] == "25-7=18" and text.endswith(f"-> {expr}")
-    assert tasks.check_countdown(expr, [3, 7, 12, 19, 21, 25], 48) is None
+    assert text == "25-7=18 +30: 30-3=27 no" and expr is None  # after a-b only numbers below b
+    text, expr = traces.countdown_attempt((12, "+", 9, 21), [2, 3, 4, 5], 30)
+    assert text == "12+9=21 +9: 9-2=7 9-3=6 9-4=5 ok\n-> 12+9+4+5" and expr == "12+9+4+5"
+    assert tasks.check_countdown(expr, [2, 3, 4, 5, 9, 12], 30) is None
+    assert traces.countdown_attempt((6, "*", 4, 24), [1, 2, 3], 24) == ("6*4=24 ok\n-> 6*4", "6*4")
+    assert traces.countdown_attempt((6, "*", 4, 24), [1, 2, 3], 21)[1] == "6*4-3"  # have
+    assert traces.pairs_in_order([2, 9, 5]) == [(9, 5), (9, 2), (5, 2)]
+
+
+def test_async_workers_never_return_the_same_solution_twice():
+    """A sum is found only by the pair of its two largest numbers, so the organizer's tally is
+    a plain count: every expression every worker returns is new (checked on whole traces)."""
+    rng = random.Random(4)
+    for row in tasks.make_puzzles("countdown", "small", n=60, seed=4, split="train"):
+        numbers, target = row["numbers"], row["target"]
+        seen = {}
+        for a, b in traces.pairs_in_order(numbers):
+            for expr in traces.pair_attempts(a, b, numbers, target)[1]:
+                assert tasks.check_countdown(expr, numbers, target) is None
+                seen.setdefault(tasks.canonical(expr), []).append((a, b, expr))
+        assert all(len(v) == 1 for v in seen.values()), [v for v in seen.values() if len(v) > 1]

@@ -1,0 +1,397 @@
+"""
+The paper's experiment in miniature: sequential vs parallel vs AsyncThink, the ablations,
+Sudoku, and a capacity sweep. One command trains every model, evaluates them all on the same
+fresh test puzzles, and writes RESULTS.md with its tables and plots (nothing typed by hand).
+
+    python experiments.py                      # CPU default (small preset), about 2 hours
+    python experiments.py --budget quick       # minutes, tiny models: a smoke test of the pipeline
+    python experiments.py --budget gpu --device cuda
+
+What it runs (the paper's tables, ../shared/paper.md, on a model you can train on a laptop):
+  1. main table, countdown: one model per thinking mode, same size, same SFT and RL steps;
+     sequential and parallel each at two token budgets (the paper's L1K / L2K rows)
+  2. ablations of the async model: no concurrency reward, no format SFT, no RL
+  3. Sudoku 4x4: the three modes trained on Sudoku, and the countdown async model zero-shot
+  4. capacity sweep: the async model run with c = 2, 3, 4, 6, 8 at inference
+  5. RL dynamics of the async model, and the timeline of one real async episode
+
+Every trained model lives in results/<name>/ (train.py's run folder). A model whose checkpoint
+is already there is not trained again, so a killed experiment continues where it stopped;
+--fresh starts over.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import asyncthink as A
+import tasks
+import train
+
+# Steps per stage. "small" is sized so the whole CPU run fits in ~2 hours on 2 cores.
+BUDGETS = {
+    "small": dict(preset="small", sft_steps=700, rl_steps=20, sudoku_sft_steps=400, sudoku_rl_steps=10,
+                  n_test=100, token_budgets=(450, 900)),
+    "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
+                  n_test=8, token_budgets=(24, 48)),
+    "gpu": dict(preset="gpu", sft_steps=3000, rl_steps=200, sudoku_sft_steps=1500, sudoku_rl_steps=100,
+                n_test=400, token_budgets=(900, 1800)),
+}
+CAPACITIES = (2, 3, 4, 6, 8)
+
+# The paper's numbers (../shared/paper.md), for the tables' last column.
+PAPER = {
+    "sequential": "88.0 / 83.8 / 80.0 / 70.5",
+    "parallel": "97.1 / 92.8 / 86.2 / 68.6",
+    "async": "99.5 / 98.8 / 96.8 / 89.0, η/c 64.7%, latency 4525",
+    "no R_η": "all 85.3, η/c 61.3%, latency 6251",
+    "no format SFT": "all 64.8, η/c 50.0%, latency 3434",
+    "no RL": "all 0.0, η/c 49.2%, latency 1988",
+    "sudoku sequential": "65.7% / 2056 tokens (zero-shot)",
+    "sudoku parallel": "84.2% / 3695 tokens (zero-shot)",
+    "sudoku async": "89.4% / 2853 tokens (zero-shot)",
+}
+
+
+# -----------------------------------------------------------------------------
+# Training: train.py's stages, skipped when the checkpoint already exists
+
+def train_stage(out, name, stage, task, mode, steps, extra=(), device="cpu", fresh=False):
+    """Run one train.py stage into out/name; returns (checkpoint path, wall seconds or None)."""
+    run_dir = os.path.join(out, name)
+    ckpt = os.path.join(run_dir, f"{stage}.pt")
+    if os.path.exists(ckpt) and not fresh:
+        print(f"[experiments] {name} {stage}: reusing {ckpt}")
+        return ckpt, None
+    steps_flag = "--sft-steps" if stage == "sft" else "--rl-steps"
+    argv = ["--stage", stage, "--preset", BUDGET["preset"], "--task", task, "--mode", mode,
+            "--run-dir", run_dir, steps_flag, str(steps), "--eval-every", "0", "--device", device,
+            *extra]
+    print(f"[experiments] python train.py {' '.join(argv)}")
+    t0 = time.perf_counter()
+    if train.main(argv) != 0:
+        raise SystemExit(f"experiments.py: error: training {name} ({stage}) failed")
+    return ckpt, time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: every model on the same test puzzles
+
+def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=320,
+             temperature=0.0, device="cpu", seed=0):
+    """Metrics of one model in one mode on `rows`, and the episode records."""
+    model, tok = A.load_model(ckpt, device)
+    run = A.RunConfig(mode=mode, capacity=capacity, temperature=temperature, seed=seed,
+                      max_organizer_tokens=organizer_tokens, max_worker_tokens=worker_tokens,
+                      batch_episodes=32)
+    run.check()
+    t0 = time.perf_counter()
+    records = A.solve(model, tok, rows, run, progress=True)
+    seconds = time.perf_counter() - t0
+    n = len(records)
+    k = max(r.get("k", 1) for r in records)
+    mean = lambda key: sum(r[key] for r in records) / n
+    row = dict(task=rows[0]["task"], mode=mode, capacity=capacity, n=n, organizer_tokens=organizer_tokens,
+               worker_tokens=worker_tokens,
+               **{f"ge{j}": 100 * sum(r["n_correct"] >= j for r in records) / n for j in range(1, k + 1)},
+               all_correct=100 * mean("correct"), latency=mean("latency"), eta=mean("concurrency"),
+               eta_over_c=100 * mean("concurrency") / (1 if mode == "sequential" else capacity),
+               tokens=mean("tokens"),
+               format_error_rate=100 * sum(bool(r["format_errors"]) for r in records) / n,
+               wall_s=mean("wall_s"), seconds=seconds)
+    return row, records
+
+
+# -----------------------------------------------------------------------------
+# Plots
+
+def plot_frontier(rows, path):
+    """All-correct accuracy against latency, one point per countdown configuration."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = {"sequential": "tab:blue", "parallel": "tab:orange", "async": "tab:green"}
+    for r in rows:
+        ax.scatter(r["latency"], r["all_correct"], color=colors.get(r["mode"], "gray"), s=40)
+        ax.annotate(r["name"], (r["latency"], r["all_correct"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("latency (critical-path decoding steps)")
+    ax.set_ylabel("all correct (%)")
+    ax.set_title("Countdown: accuracy vs latency (test split)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_capacity(rows, path):
+    import matplotlib.pyplot as plt
+    fig, ax1 = plt.subplots(figsize=(6, 4))
+    cs = [r["capacity"] for r in rows]
+    ax1.plot(cs, [r["all_correct"] for r in rows], "o-", color="tab:green", label="all correct (%)")
+    ax1.plot(cs, [r["ge1"] for r in rows], "s--", color="tab:olive", label="≥1 correct (%)")
+    ax1.set_xlabel("capacity c (threads, organizer included)")
+    ax1.set_ylabel("accuracy (%)")
+    ax2 = ax1.twinx()
+    ax2.plot(cs, [r["latency"] for r in rows], "^-", color="tab:red", label="latency")
+    ax2.set_ylabel("latency (decoding steps)")
+    fig.legend(loc="upper right", fontsize=8)
+    ax1.set_title("AsyncThink capacity sweep (inference, countdown test)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rl(metrics_path, path):
+    """Reward, accuracy, latency and eta of the async model across RL steps."""
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
+    rows = [r for r in rows if r.get("stage") == "rl"]
+    if not rows:
+        return False
+    panels = [("reward", "reward"), ("accuracy", "all correct (fraction)"),
+              ("latency", "latency (steps)"), ("eta", "concurrency η (threads)")]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".")
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(label)
+        ax.set_title(f"RL: {key}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_timeline(rec, path):
+    """A Gantt chart of one episode: a row per thread, bars where it decodes, arrows for
+    forks (organizer -> worker) and joins (worker -> organizer)."""
+    import matplotlib.pyplot as plt
+    rows = rec["trace"]["timeline"]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+    for y, r in enumerate(rows):
+        ax.broken_barh([(a, b - a + 1) for a, b in r["active"]], (y - 0.35, 0.7),
+                       color="tab:blue" if y == 0 else "tab:green")
+        if y and r["fork_step"] is not None:
+            ax.annotate("", (r["fork_step"], y - 0.35), (r["fork_step"], 0.35),
+                        arrowprops=dict(arrowstyle="->", color="gray", lw=0.8))
+        if y and r["join_step"] is not None:
+            ax.annotate("", (r["join_step"], 0.35), (r["finish"] or r["join_step"], y - 0.35),
+                        arrowprops=dict(arrowstyle="->", color="tab:red", lw=0.8))
+    ax.set_yticks(range(len(rows)), [r["thread"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel("decoding step")
+    ax.set_title(f"One AsyncThink episode: latency {rec['latency']} steps, η {rec['concurrency']:.2f}, "
+                 f"{rec['n_correct']} correct")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# RESULTS.md
+
+def fmt(x, digits=1):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def table(rows):
+    head = "| model | mode | c | budget (org/worker) | ≥1 | ≥2 | ≥3 | all | latency | η | η/c | tokens | format err | wall s/ep | paper |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        out.append(f"| {r['name']} | {r['mode']} | {r['capacity']} | {r['organizer_tokens']}/{r['worker_tokens']} "
+                   f"| {fmt(r.get('ge1'))} | {fmt(r.get('ge2'))} | {fmt(r.get('ge3'))} | {fmt(r['all_correct'])} "
+                   f"| {fmt(r['latency'], 0)} | {fmt(r['eta'], 2)} | {fmt(r['eta_over_c'], 0)}% | {fmt(r['tokens'], 0)} "
+                   f"| {fmt(r['format_error_rate'])}% | {fmt(r['wall_s'], 2)} | {PAPER.get(r.get('paper', ''), '')} |")
+    return "\n".join(out)
+
+
+def verdict(ours, others, what, higher=True):
+    """Does AsyncThink beat the best other mode on this metric, as in the paper?"""
+    best = max(others) if higher else min(others)
+    if ours == best:
+        return f"{what}: a tie ({fmt(ours)} both), so neither agrees nor disagrees with the paper"
+    agrees = ours > best if higher else ours < best
+    return f"{what}: {fmt(ours)} vs {fmt(best)}, **{'agrees' if agrees else 'does not agree'}** with the paper"
+
+
+def write_report(report, out, res, command, seconds):
+    """RESULTS.md from the measured rows (every number below comes from `res`)."""
+    import platform
+    import torch
+    main_rows, ablation_rows = res["main"], res["ablations"]
+    by = {r["name"]: r for r in main_rows + ablation_rows + res["sudoku"] + res["capacity"]}
+    best_seq = max((r for r in main_rows if r["mode"] == "sequential"), key=lambda r: r["all_correct"])
+    best_par = max((r for r in main_rows if r["mode"] == "parallel"), key=lambda r: r["all_correct"])
+    asy = by["AsyncThink"]
+    pic = lambda name: os.path.join(os.path.relpath(out, os.path.dirname(os.path.abspath(report))), name)
+    lines = [
+        "# RESULTS: the paper's experiment in miniature",
+        "",
+        f"Written by `{command}` — do not edit by hand; rerun the command.",
+        "",
+        f"- budget `{res['budget']}`: model preset `{BUDGET['preset']}`, SFT {BUDGET['sft_steps']} steps and "
+        f"RL {BUDGET['rl_steps']} steps per countdown model (Sudoku: {BUDGET['sudoku_sft_steps']} / "
+        f"{BUDGET['sudoku_rl_steps']}), one training seed ({res['seed']}); "
+        f"{res['n_test']} fresh test-split puzzles per row, the same puzzles for every model",
+        f"- hardware: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
+        f"device `{res['device']}`, torch {torch.__version__}, Python {platform.python_version()}",
+        f"- wall time of the whole run: {seconds / 60:.1f} min (training {res['train_seconds'] / 60:.1f} min)",
+        "- greedy decoding, except parallel workers (independent samples at temperature "
+        f"{res['parallel_temperature']}); latency = critical path in decoding steps; "
+        "η = mean active threads over it; wall s/ep = an episode's start-to-finish time inside a batch of 32",
+        "",
+        "## Headline",
+        "",
+        f"- all correct: sequential {fmt(best_seq['all_correct'])}% (latency {fmt(best_seq['latency'], 0)}), "
+        f"parallel {fmt(best_par['all_correct'])}% (latency {fmt(best_par['latency'], 0)}), "
+        f"AsyncThink {fmt(asy['all_correct'])}% (latency {fmt(asy['latency'], 0)}, η {fmt(asy['eta'], 2)})",
+        f"- {verdict(asy['all_correct'], [best_seq['all_correct'], best_par['all_correct']], 'AsyncThink most accurate (all correct, %)')}",
+        f"- {verdict(asy['latency'], [best_seq['latency'], best_par['latency']], 'AsyncThink lowest latency (steps)', higher=False)}",
+        "",
+        "## 1. Countdown: thinking modes (paper: ≥1 / ≥2 / ≥3 / all)",
+        "",
+        table(main_rows),
+        "",
+        f"![accuracy vs latency]({pic('frontier.png')})",
+        "",
+        "## 2. Ablations of the async model",
+        "",
+        table([asy] + ablation_rows),
+        "",
+        "## 3. Sudoku 4×4",
+        "",
+        "Models trained on Sudoku (the paper's numbers are zero-shot after countdown training), and "
+        "the countdown async model zero-shot.",
+        "",
+        table(res["sudoku"]),
+        "",
+        "## 4. Capacity sweep (async model, inference only)",
+        "",
+        table(res["capacity"]),
+        "",
+        f"![capacity sweep]({pic('capacity.png')})",
+        "",
+        "## 5. RL dynamics of the async model",
+        "",
+        f"![RL curves]({pic('rl_curves.png')})" if res["rl_plot"] else "(no RL steps were logged)",
+        "",
+        "One real async episode from the test split:",
+        "",
+        f"![timeline]({pic('timeline.png')})" if res["timeline"] else "(no async episode to show)",
+        "",
+        "## Training time per model",
+        "",
+        "| model | stage | seconds |",
+        "|---|---|---|",
+        *[f"| {n} | {st} | {fmt(s, 0) if s is not None else 'reused'} |" for n, st, s in res["timings"]],
+        "",
+    ]
+    with open(report, "w") as f:
+        f.write("\n".join(lines))
+
+
+# -----------------------------------------------------------------------------
+# The experiment
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The paper's experiment in miniature; writes RESULTS.md.")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    ap.add_argument("--out", default="results", help="run folders, plots and results.json")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="training seed; the test puzzles use it too")
+    ap.add_argument("--fresh", action="store_true", help="retrain models whose checkpoints exist")
+    ap.add_argument("--report", default="RESULTS.md", help="where the tables go")
+    args = ap.parse_args(argv)
+    global BUDGET
+    BUDGET = BUDGETS[args.budget]
+    device = A.pick_device(args.device)
+    cfg = train.parse_args(["--preset", BUDGET["preset"]])  # the preset's token budgets
+    org, wrk = cfg.max_organizer_tokens, cfg.max_worker_tokens
+    out, t_start = args.out, time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    timings = []
+
+    def stage(name, st, task, mode, steps, extra=()):
+        path, secs = train_stage(out, name, st, task, mode, steps,
+                                 ["--seed", str(args.seed), *extra], device, args.fresh)
+        timings.append((name, st, secs))
+        return path
+
+    # 1. train: three countdown modes, the ablations, three Sudoku modes
+    S, R = BUDGET["sft_steps"], BUDGET["rl_steps"]
+    ckpt = {}
+    for mode in A.MODES:
+        ckpt[f"{mode} sft"] = stage(f"countdown-{mode}", "sft", "countdown", mode, S)
+        ckpt[mode] = stage(f"countdown-{mode}", "rl", "countdown", mode, R)
+    no_eta = os.path.join(out, "countdown-async-no-eta")
+    os.makedirs(no_eta, exist_ok=True)
+    if not os.path.exists(os.path.join(no_eta, "sft.pt")):  # the same SFT model, another RL
+        import shutil
+        shutil.copy(ckpt["async sft"], os.path.join(no_eta, "sft.pt"))
+    ckpt["no R_η"] = stage("countdown-async-no-eta", "rl", "countdown", "async", R, ["--no-concurrency-reward"])
+    ckpt["no format SFT"] = stage("countdown-async-scratch", "rl", "countdown", "async", R, ["--from-scratch"])
+    for mode in A.MODES:
+        stage(f"sudoku-{mode}", "sft", "sudoku", mode, BUDGET["sudoku_sft_steps"])
+        ckpt[f"sudoku {mode}"] = stage(f"sudoku-{mode}", "rl", "sudoku", mode, BUDGET["sudoku_rl_steps"])
+    train_seconds = time.perf_counter() - t_start
+
+    # 2. evaluate everything on the same fresh test puzzles
+    n = BUDGET["n_test"]
+    countdown = tasks.make_puzzles("countdown", cfg.puzzles, n=n, seed=args.seed, split="test")
+    sudoku = tasks.make_puzzles("sudoku", "small", n=n, seed=args.seed, split="test")
+    L1, L2 = BUDGET["token_budgets"]
+
+    def ev(name, path, rows, mode, paper="", capacity=4, organizer_tokens=org, worker_tokens=wrk):
+        print(f"[experiments] evaluating {name}")
+        temp = cfg.temperature if mode == "parallel" else 0.0
+        row, records = evaluate(path, rows, mode, 1 if mode == "sequential" else capacity,
+                                organizer_tokens, worker_tokens, temp, device, args.seed)
+        return {"name": name, "paper": paper, **row}, records
+
+    main_rows, records = [], {}
+    for L in (L1, L2):
+        main_rows.append(ev(f"sequential L{L}", ckpt["sequential"], countdown, "sequential", "sequential",
+                            organizer_tokens=L)[0])
+    for L in (L1, L2):
+        main_rows.append(ev(f"parallel L{L}", ckpt["parallel"], countdown, "parallel", "parallel",
+                            worker_tokens=L)[0])
+    row, records["async"] = ev("AsyncThink", ckpt["async"], countdown, "async", "async")
+    main_rows.append(row)
+    ablations = [ev(name, ckpt[name], countdown, "async", name)[0] for name in ("no R_η", "no format SFT")]
+    ablations.append(ev("no RL", ckpt["async sft"], countdown, "async", "no RL")[0])
+    sudoku_rows = [ev(f"sudoku {m}", ckpt[f"sudoku {m}"], sudoku, m, f"sudoku {m}",
+                      worker_tokens=org if m == "parallel" else wrk)[0] for m in A.MODES]
+    sudoku_rows.append(ev("countdown async, zero-shot", ckpt["async"], sudoku, "async", "sudoku async")[0])
+    capacity_rows = []
+    for c in CAPACITIES:
+        capacity_rows.append(main_rows[-1] if c == 4 else
+                             ev(f"AsyncThink c={c}", ckpt["async"], countdown, "async", capacity=c)[0])
+
+    # 3. plots and the report
+    plot_frontier(main_rows + ablations, os.path.join(out, "frontier.png"))
+    plot_capacity(capacity_rows, os.path.join(out, "capacity.png"))
+    rl_plot = plot_rl(os.path.join(out, "countdown-async", "metrics.jsonl"), os.path.join(out, "rl_curves.png"))
+    shown = sorted(records["async"], key=lambda r: (r["correct"], len(r["trace"]["timeline"])), reverse=True)
+    if shown:
+        plot_timeline(shown[0], os.path.join(out, "timeline.png"))
+        with open(os.path.join(out, "timeline.txt"), "w") as f:
+            f.write(A.show_timeline(shown[0]) + "\n\n" + shown[0]["trace"]["organizer"] + "\n")
+    res = dict(budget=args.budget, seed=args.seed, n_test=n, device=str(device),
+               parallel_temperature=cfg.temperature, main=main_rows, ablations=ablations,
+               sudoku=sudoku_rows, capacity=capacity_rows, timings=timings, train_seconds=train_seconds,
+               rl_plot=rl_plot, timeline=bool(shown))
+    seconds = time.perf_counter() - t_start
+    res["seconds"] = seconds
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**res, "rows": main_rows + ablations + sudoku_rows + capacity_rows}, f, indent=1)
+    command = "python experiments.py" + (f" --budget {args.budget}" if args.budget != "small" else "")
+    write_report(args.report, out, res, command, seconds)
+    print(f"[experiments] {seconds / 60:.1f} min; wrote {args.report} and {out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

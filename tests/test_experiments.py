@@ -1,0 +1,49 @@
+"""experiments.py end to end on the quick budget (tiny models): every table and plot is written
+from measured rows, and a second run reuses the trained checkpoints instead of retraining."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "experiments.py", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exp")
+    r = run("--budget", "quick", "--out", str(d / "results"), "--report", str(d / "RESULTS.md"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d, r
+
+
+def test_quick_experiment_writes_every_table_and_plot(quick):
+    d, _ = quick
+    report = (d / "RESULTS.md").read_text()
+    for heading in ("## Headline", "## 1. Countdown", "## 2. Ablations", "## 3. Sudoku", "## 4. Capacity sweep",
+                    "## 5. RL dynamics", "## Training time per model"):
+        assert heading in report
+    for name in ("frontier.png", "capacity.png", "rl_curves.png", "timeline.png"):
+        assert (d / "results" / name).stat().st_size > 1000
+        assert f"](results/{name})" in report  # links relative to the report
+    res = json.loads((d / "results" / "results.json").read_text())
+    names = [r["name"] for r in res["rows"]]
+    for name in ("sequential L24", "sequential L48", "parallel L24", "parallel L48", "AsyncThink", "no R_η",
+                 "no format SFT", "no RL", "sudoku sequential", "sudoku parallel", "sudoku async",
+                 "countdown async, zero-shot", "AsyncThink c=2", "AsyncThink c=8"):
+        assert name in names
+    for r in res["rows"]:  # every row was measured on the same number of test puzzles
+        assert r["n"] == 8 and 0 <= r["all_correct"] <= r["ge1"] <= 100
+        assert f"| {r['name']} | {r['mode']} | {r['capacity']} |" in report
+    seq = next(r for r in res["rows"] if r["name"] == "sequential L24")
+    assert seq["capacity"] == 1 and seq["organizer_tokens"] == 24 and seq["latency"] <= 24
+
+
+def test_second_run_reuses_checkpoints(quick):
+    d, _ = quick
+    r = run("--budget", "quick", "--out", str(d / "results"), "--report", str(d / "RESULTS.md"), "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("reusing") == 14  # 3 modes x 2 stages, 2 ablations, 3 sudoku x 2 stages
+    assert "python train.py" not in r.stdout
