@@ -218,8 +218,8 @@ PROTOCOL = [
     """),
     md("""
     Read the picture against the table: the organizer waits twice (steps 27–30 for worker 1 and
-    32–33 for worker 2). Had it written a longer thought instead of `hmm`, the waits would shrink
-    and the latency would stay 45 — free thinking. That is what the RL stage's concurrency reward
+    32–33 for worker 2). Had it written a longer thought instead of `hmm` (a few tokens longer:
+    exercise 1 finds how many), the waits would shrink and the latency would stay 45 — free thinking. That is what the RL stage's concurrency reward
     encourages.
 
     **Sequential thinking** is the special case with no fork at all: one thread, η = 1, latency =
@@ -823,8 +823,8 @@ TRAINING = [
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
     line of arithmetic) and then slowly. A model of this size never gets the *numbers* right: the
     default `small` preset (2M parameters, `python train.py --stage sft`, about 15 minutes on 2 CPU
-    cores) reaches ≈ 0.6 nats and writes valid trajectories in a minority of episodes
-    (`BENCHMARKS.md`), still without correct answers.
+    cores) reached ≈ 0.6 nats at the time of writing and wrote valid trajectories in a minority of
+    episodes, still without correct answers (`BENCHMARKS.md` keeps the current figures).
 
     ## The GRPO reward, by hand
 
@@ -1005,8 +1005,8 @@ TRAINING = [
     """),
     md("""
     **Read it honestly.** The tiny model after a few hundred SFT steps cannot yet write a valid
-    trajectory within the tiny preset's budget (48 organizer / 24 worker tokens — far shorter than a
-    real trace), so almost every rollout ends in a format error and earns −1. A group whose rewards
+    trajectory within the tiny preset's token budget (a few dozen tokens per thread, far shorter than
+    a real trace), so almost every rollout ends in a format error and earns −1. A group whose rewards
     are all −1 has advantage 0 and is skipped: **no reward variance, no learning** — the paper's
     "without format SFT" ablation in miniature, and the reason the cold-start SFT exists. Latency
     and η still move, because they describe where the broken episodes stopped.
@@ -1172,12 +1172,13 @@ EXPERIMENTS = [
     """),
     md("""
     **What this shows, honestly.** If these points come from the small run above, they are all at
-    0% accuracy: a 46k-parameter model after a few hundred SFT steps writes the right *kind* of text
-    but not a valid, correct trajectory (the format-error rate and the stop reasons say how the
-    episodes ended — usually a token limit or a malformed tag). Their latencies then measure where
-    the episodes broke off, not how fast each mode thinks: **no frontier can be read from them.** Run
-    the experiments command on the `small` (CPU) or `gpu` preset and rerun this notebook to get the
-    real comparison.
+    0% accuracy: a tiny model (tens of thousands of parameters) after a few hundred SFT steps writes
+    the right *kind* of text but not a valid, correct trajectory (the format-error rate and the stop
+    reasons say how the episodes ended — usually a token limit or a malformed tag). Their latencies
+    then measure where the episodes broke off, not how fast each mode thinks: **no frontier can be
+    read from them.** Run the experiments command (`python experiments.py`, the `small` CPU budget
+    or `--budget gpu`) and rerun this notebook to get the real comparison; points at 0% with 100%
+    format errors mean the same there.
 
     ## The teachers' frontier
 
