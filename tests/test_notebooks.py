@@ -40,6 +40,7 @@ def test_committed_notebooks_match_their_generator():
 def test_notebook_runs_in_quick_mode(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ASYNCTHINK_QUICK", "1")
     monkeypatch.setenv("TMPDIR", str(tmp_path))        # the notebooks' run folders
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # no notebooks/__pycache__ from the kernel
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # tiny models: one thread is faster
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     load_build().execute(nb, cwd=str(NOTEBOOKS), timeout=300)  # raises at the first failing cell
