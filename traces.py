@@ -92,15 +92,21 @@ def countdown_attempt(first, rest, target):
 
     >>> countdown_attempt((9, "+", 8, 17), [2, 3, 5, 7], 27)
     ('9+8=17 +10: 10-2=8 10-3=7 ok\n-> 9+8+3+7', '9+8+3+7')
+    >>> countdown_attempt((9, "-", 8, 1), [2, 3, 5, 7], 9)
+    ('9-8=1 +8: 8-2=6 8-3=5 ok\n-> 9-8+3+5', '9-8+3+5')
+
+    A distance beyond the two largest numbers left (here 5 + 7 = 12) needs no scan:
+
     >>> countdown_attempt((9, "*", 8, 72), [2, 3, 5, 7], 27)
-    ('9*8=72 -45: 45-2=43 45-3=42 45-5=40 45-7=38 no', None)
+    ('9*8=72 -45: no', None)
 
     A sum of several numbers would be found once by every pair in it, so after a+b or a-b the
     search uses only numbers below b: each sum is found by its two largest numbers, and workers
-    never return the same solution twice (the organizer just counts). Here 9+7 skips 8:
+    never return the same solution twice (the organizer just counts). Here 9+7 may use only 2, 3
+    and 5, and 11 is beyond 3 + 5:
 
     >>> countdown_attempt((9, "+", 7, 16), [2, 3, 5, 8], 27)
-    ('9+7=16 +11: 11-2=9 11-3=8 11-5=6 no', None)
+    ('9+7=16 +11: no', None)
     """
     a, op, b, v = first
     head = f"{a}{op}{b}"
@@ -114,6 +120,8 @@ def countdown_attempt(first, rest, target):
     if d in left:
         text += " have"
         return found(f"{head}{sign}{d}")
+    if len(left) < 2 or d > left[-1] + left[-2]:
+        return text + " no", None  # beyond the two largest numbers left: nothing to scan
     for c in left:
         if c >= d:
             break
