@@ -112,7 +112,11 @@ def test_unknown_mode_and_task():
 
 def test_worker_search_helpers():
     text, expr = traces.countdown_attempt((25, "-", 7, 18), [3, 12, 19, 21], 48)
-    assert text == "25-7=18 +30: 30-3=27 no" and expr is None  # after a-b only numbers below b
+    assert text == "25-7=18 +30: no" and expr is None  # after a-b only numbers below b: just 3
+    text, expr = traces.countdown_attempt((25, "*", 2, 50), [3, 12, 19, 21], 48)
+    assert text == "25*2=50 -2: no" and expr is None  # 2 is below the smallest number: the scan stops
+    text, expr = traces.countdown_attempt((25, "*", 2, 50), [3, 12, 19, 21], 10)
+    assert text == "25*2=50 -40: 40-3=37 40-12=28 40-19=21 ok\n-> 25*2-(19+21)" and expr == "25*2-(19+21)"
     text, expr = traces.countdown_attempt((12, "+", 9, 21), [2, 3, 4, 5], 30)
     assert text == "12+9=21 +9: 9-2=7 9-3=6 9-4=5 ok\n-> 12+9+4+5" and expr == "12+9+4+5"
     assert tasks.check_countdown(expr, [2, 3, 4, 5, 9, 12], 30) is None
