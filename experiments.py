@@ -15,9 +15,10 @@ What it runs (the paper's tables, ../shared/paper.md, on a model you can train o
   4. capacity sweep: the async model run with c = 2, 3, 4, 6, 8 at inference
   5. RL dynamics of the async model, and the timeline of one real async episode
 
-Every trained model lives in results/<name>/ (train.py's run folder). A model whose checkpoint
-is already there is not trained again, so a killed experiment continues where it stopped;
---fresh starts over.
+Every trained model lives in results/<name>/ (train.py's run folder, with its log). Training
+runs go two at a time by default (--jobs), one per core. A finished model is not trained again
+and a half-trained one resumes, so a killed experiment continues where it stopped; delete the
+folder to start over.
 """
 
 import argparse
@@ -57,24 +58,57 @@ PAPER = {
 
 
 # -----------------------------------------------------------------------------
-# Training: train.py's stages, skipped when the checkpoint already exists
+# Training: train.py's stages as subprocesses, several at once, skipped when already done
 
-def train_stage(out, name, stage, task, mode, steps, extra=(), device="cpu", fresh=False):
-    """Run one train.py stage into out/name; returns (checkpoint path, wall seconds or None)."""
+def finished_steps(ckpt):
+    """The step a checkpoint was saved at (0 if there is none)."""
+    if not os.path.exists(ckpt):
+        return 0
+    import torch
+    return torch.load(ckpt, map_location="cpu", weights_only=True).get("step", 0)
+
+
+def train_job(out, name, stage, task, mode, steps, extra=(), device="cpu"):
+    """The train.py command line for one stage into out/name, or None when it is done already.
+    A stage killed half way has a checkpoint of an earlier step: it is resumed, not restarted."""
     run_dir = os.path.join(out, name)
-    ckpt = os.path.join(run_dir, f"{stage}.pt")
-    if os.path.exists(ckpt) and not fresh:
-        print(f"[experiments] {name} {stage}: reusing {ckpt}")
-        return ckpt, None
+    done = finished_steps(os.path.join(run_dir, f"{stage}.pt"))
+    if done >= steps:
+        print(f"[experiments] {name} {stage}: reusing {run_dir}/{stage}.pt ({done} steps)")
+        return None
     steps_flag = "--sft-steps" if stage == "sft" else "--rl-steps"
     argv = ["--stage", stage, "--preset", BUDGET["preset"], "--task", task, "--mode", mode,
             "--run-dir", run_dir, steps_flag, str(steps), "--eval-every", "0", "--device", device,
-            *extra]
-    print(f"[experiments] python train.py {' '.join(argv)}")
-    t0 = time.perf_counter()
-    if train.main(argv) != 0:
-        raise SystemExit(f"experiments.py: error: training {name} ({stage}) failed")
-    return ckpt, time.perf_counter() - t0
+            *extra, *(["--resume"] if done else [])]
+    return name, stage, argv
+
+
+def run_jobs(jobs, n_parallel):
+    """Run train.py jobs, n_parallel at a time (each with 1/n_parallel of the CPU threads);
+    each job's output goes to its run folder's train-<stage>.log. Returns [(name, stage, s)]."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+    env = dict(os.environ)
+    if n_parallel > 1:  # two 1-thread processes beat one 2-thread process on 2 cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
+
+    def one(job):
+        name, stage, argv = job
+        log = os.path.join(argv[argv.index("--run-dir") + 1], f"train-{stage}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        print(f"[experiments] start python train.py {' '.join(argv)}  (log: {log})", flush=True)
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            code = subprocess.run([sys.executable, "train.py", *argv], stdout=f, stderr=subprocess.STDOUT,
+                                  env=env, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+        seconds = time.perf_counter() - t0
+        if code != 0:
+            raise SystemExit(f"experiments.py: error: {name} {stage} failed (exit {code}); see {log}")
+        print(f"[experiments] done {name} {stage} in {seconds / 60:.1f} min", flush=True)
+        return name, stage, seconds
+
+    with ThreadPoolExecutor(max_workers=max(1, n_parallel)) as pool:
+        return list(pool.map(one, [j for j in jobs if j is not None]))
 
 
 # -----------------------------------------------------------------------------
@@ -302,7 +336,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results", help="run folders, plots and results.json")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     ap.add_argument("--seed", type=int, default=0, help="training seed; the test puzzles use it too")
-    ap.add_argument("--fresh", action="store_true", help="retrain models whose checkpoints exist")
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2: one per core)")
     ap.add_argument("--report", default="RESULTS.md", help="where the tables go")
     args = ap.parse_args(argv)
     global BUDGET
@@ -314,28 +348,29 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     timings = []
 
-    def stage(name, st, task, mode, steps, extra=()):
-        path, secs = train_stage(out, name, st, task, mode, steps,
-                                 ["--seed", str(args.seed), *extra], device, args.fresh)
-        timings.append((name, st, secs))
-        return path
-
-    # 1. train: three countdown modes, the ablations, three Sudoku modes
+    # 1. train: three countdown modes, the ablations, three Sudoku modes. All SFT stages first
+    # (independent of each other), then all RL stages (each needs its own SFT checkpoint).
     S, R = BUDGET["sft_steps"], BUDGET["rl_steps"]
-    ckpt = {}
-    for mode in A.MODES:
-        ckpt[f"{mode} sft"] = stage(f"countdown-{mode}", "sft", "countdown", mode, S)
-        ckpt[mode] = stage(f"countdown-{mode}", "rl", "countdown", mode, R)
+    S2, R2 = BUDGET["sudoku_sft_steps"], BUDGET["sudoku_rl_steps"]
+    job = lambda name, st, task, mode, steps, *extra: train_job(
+        out, name, st, task, mode, steps, ["--seed", str(args.seed), *extra], device)
+    timings += run_jobs([job(f"{task}-{mode}", "sft", task, mode, S if task == "countdown" else S2)
+                         for task in ("countdown", "sudoku") for mode in A.MODES], args.jobs)
     no_eta = os.path.join(out, "countdown-async-no-eta")
     os.makedirs(no_eta, exist_ok=True)
     if not os.path.exists(os.path.join(no_eta, "sft.pt")):  # the same SFT model, another RL
         import shutil
-        shutil.copy(ckpt["async sft"], os.path.join(no_eta, "sft.pt"))
-    ckpt["no R_η"] = stage("countdown-async-no-eta", "rl", "countdown", "async", R, ["--no-concurrency-reward"])
-    ckpt["no format SFT"] = stage("countdown-async-scratch", "rl", "countdown", "async", R, ["--from-scratch"])
-    for mode in A.MODES:
-        stage(f"sudoku-{mode}", "sft", "sudoku", mode, BUDGET["sudoku_sft_steps"])
-        ckpt[f"sudoku {mode}"] = stage(f"sudoku-{mode}", "rl", "sudoku", mode, BUDGET["sudoku_rl_steps"])
+        shutil.copy(os.path.join(out, "countdown-async", "sft.pt"), os.path.join(no_eta, "sft.pt"))
+    timings += run_jobs([job(f"{task}-{mode}", "rl", task, mode, R if task == "countdown" else R2)
+                         for task in ("countdown", "sudoku") for mode in A.MODES]
+                        + [job("countdown-async-no-eta", "rl", "countdown", "async", R, "--no-concurrency-reward"),
+                           job("countdown-async-scratch", "rl", "countdown", "async", R, "--from-scratch")],
+                        args.jobs)
+    ckpt = {mode: os.path.join(out, f"countdown-{mode}", "rl.pt") for mode in A.MODES}
+    ckpt.update({f"sudoku {m}": os.path.join(out, f"sudoku-{m}", "rl.pt") for m in A.MODES})
+    ckpt["async sft"] = os.path.join(out, "countdown-async", "sft.pt")
+    ckpt["no R_η"] = os.path.join(no_eta, "rl.pt")
+    ckpt["no format SFT"] = os.path.join(out, "countdown-async-scratch", "rl.pt")
     train_seconds = time.perf_counter() - t_start
 
     # 2. evaluate everything on the same fresh test puzzles
