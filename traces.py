@@ -22,14 +22,14 @@ A worker's job is one PAIR of numbers: an attempt for each first step on it (12+
   line, the attempts, then "ok n" with n found so far, or "no"), until it has k.
 * parallel: the organizer forks the whole question to N workers; each does the sequential search
   in its own random pair order; the organizer joins all and answers the union.
-* async: the organizer forks one worker per pair, largest first ("12 9 then 2 3 4 5 to 30"),
+* async: the organizer forks one worker per pair, largest first ("12 9 of 2 3 4 5 9 12 to 30"),
   keeps up to c-1 running (fork, fork, fork, join, fork, join, ...), tallies each join ("ok 3"
   or "no"), stops forking once it has k, and answers. With probability `hint_share` the trace
   follows a random action sequence written into the prompt ("plan F1 F2 J1 ...") instead:
   structure initialization, so the model learns many topologies, not one.
 
     <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
-    <FORK-1>12 9 then 2 3 4 5 to 30</FORK-1><FORK-2>12 5 then ...</FORK-2><FORK-3>...</FORK-3>
+    <FORK-1>12 9 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>12 5 of ...</FORK-2><FORK-3>...</FORK-3>
     <JOIN-1>12+9+4+5</JOIN-1> ok 1
     <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
     ...
@@ -130,14 +130,6 @@ def countdown_attempt(first, rest, target):
         if e in left and e != c:
             return found(f"{head}+{c}+{e}" if sign == "+" else f"{head}-({c}+{e})")
     return text + " no", None
-
-
-def countdown_subquery(first, numbers, target):
-    a, op, b, _ = first
-    rest = list(numbers)
-    rest.remove(a)
-    rest.remove(b)
-    return f"{a}{op}{b} then {' '.join(map(str, rest))} to {target}", rest
 
 
 # -----------------------------------------------------------------------------
@@ -343,9 +335,11 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
 
     def on_fork(i):
         a, b = pairs[i - 1]
-        rest = [x for x in numbers if x not in (a, b)]
         text, got = pair_attempts(a, b, numbers, target)
-        org.fork(i, f"{a} {b} then {' '.join(map(str, rest))} to {target}", text,
+        # the sub-query copies the question's numbers whole: a contiguous copy is easy to learn,
+        # and the worker skips a and b itself (a first design made the organizer write the
+        # numbers left, a set difference the small model never learned to copy)
+        org.fork(i, f"{a} {b} of {' '.join(map(str, numbers))} to {target}", text,
                  P.ANSWER_SEPARATOR.join(got) or "none")
 
     def on_join(i):
