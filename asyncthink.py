@@ -426,12 +426,17 @@ def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     traj = trajectory(ep, tok, cfg)
     n_correct, solved = score(ep.row, traj.answers)
     org = ep.organizer
+    steps = max(th.finish_step or 0 for th in ep.threads) - ep.step0
+    # A valid episode's latency is the protocol's critical path (equal to the steps it ran). A
+    # broken one may stop in a worker while the organizer waits (its path would read 0): it
+    # counts the steps it ran.
+    latency = P.critical_path(traj) if not traj.errors else max(P.critical_path(traj), steps)
     return {**ep.row, "mode": cfg.mode, "answers": traj.answers, "n_correct": n_correct,
-            "correct": solved, "latency": P.critical_path(traj),
+            "correct": solved, "latency": latency,
             "concurrency": round(P.concurrency(traj), 4),
             "tokens": sum(th.generated for th in ep.threads),
             "format_errors": traj.errors, "stop_reason": ep.stop_reason,
-            "steps": max(th.finish_step or 0 for th in ep.threads) - ep.step0,
+            "steps": steps,
             "wall_s": round((ep.t_end or 0) - (ep.t_start or 0), 4),
             "trace": {"organizer": tok.decode(org.out),
                       "workers": {str(i): tok.decode(w.out) for i, w in sorted(org.children.items())},

@@ -169,6 +169,19 @@ def test_parallel_mode_aggregates_by_rule():
     assert rec["concurrency"] == pytest.approx((13 + 18 + 4) / 18, abs=1e-4)
 
 
+def test_broken_parallel_episode_counts_the_steps_it_ran():
+    """A worker that never returns hits its token limit: the episode stops with a format error
+    while the organizer waits, and its latency is the steps it ran, not the organizer's 0."""
+    row = {"task": "countdown", "numbers": [1, 2, 3, 4, 5, 6], "target": 10, "k": 2}
+    def force(ep, th):
+        return text("w")[0] if th.fork_id else None  # workers think forever
+    cfg = A.RunConfig(mode="parallel", capacity=4, max_worker_tokens=12)
+    ep = A.Executor(tiny_model(), tok, cfg).run([row], force=force)[0]
+    rec = A.record(ep, tok, cfg)
+    assert rec["format_errors"] and not rec["correct"]
+    assert rec["latency"] == rec["steps"] == 12
+
+
 def test_parallel_sudoku_majority_vote():
     row = {"task": "sudoku", "puzzle": "1.3.....2..4...1"}
     grid_a, grid_b = "1234341221434321", "1234341221434312"
