@@ -150,7 +150,8 @@ class Executor:
         self.cache.reset()
         self.free_slots = list(range(self.n_slots))
         self.force, self.step = force, 0
-        pending = [Episode(i, row, tok.encode(P.organizer_prompt(P.question_text(row))))
+        # a row may carry a structure hint: {"plan": "F1 F2 J1 ..."} (see protocol.organizer_prompt)
+        pending = [Episode(i, row, tok.encode(P.organizer_prompt(P.question_text(row), row.get("plan"))))
                    for i, row in enumerate(rows)]
         pending.reverse()
         active, finished, queue = [], [], []

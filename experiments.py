@@ -29,17 +29,18 @@ import sys
 import time
 
 import asyncthink as A
+import protocol as P
 import tasks
 import train
 
 # Steps per stage. "small" is sized so the whole CPU run fits in ~2 hours on 2 cores.
 BUDGETS = {
     "small": dict(preset="small", sft_steps=700, rl_steps=20, sudoku_sft_steps=400, sudoku_rl_steps=10,
-                  n_test=100, token_budgets=(450, 900)),
+                  n_test=100, token_budgets=(450, 900), sweep_forks=8),
     "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
-                  n_test=8, token_budgets=(24, 48)),
+                  n_test=8, token_budgets=(24, 48), sweep_forks=3),
     "gpu": dict(preset="gpu", sft_steps=3000, rl_steps=200, sudoku_sft_steps=1500, sudoku_rl_steps=100,
-                n_test=400, token_budgets=(900, 1800)),
+                n_test=400, token_budgets=(900, 1800), sweep_forks=12),
 }
 CAPACITIES = (2, 3, 4, 6, 8)
 
@@ -304,6 +305,11 @@ def write_report(report, out, res, command, seconds):
         "",
         "## 4. Capacity sweep (async model, inference only)",
         "",
+        f"The model was trained at c = 4 and its prompt does not say c. Each row gives it a plan in "
+        f"its prompt (the structure hints SFT taught it to follow): the sliding window over "
+        f"{BUDGET['sweep_forks']} forks that keeps c−1 workers busy. Plans with more than 3 workers "
+        f"at once never occurred in training (SFT plans respect c = 4).",
+        "",
         table(res["capacity"]),
         "",
         f"![capacity sweep]({pic('capacity.png')})",
@@ -400,10 +406,14 @@ def main(argv=None):
     sudoku_rows = [ev(f"sudoku {m}", ckpt[f"sudoku {m}"], sudoku, m, f"sudoku {m}",
                       worker_tokens=org if m == "parallel" else wrk)[0] for m in A.MODES]
     sudoku_rows.append(ev("countdown async, zero-shot", ckpt["async"], sudoku, "async", "sudoku async")[0])
+    # The model was trained at c = 4 and its prompt does not say c, so at inference each c comes
+    # with a plan (a structure hint, which SFT taught it to follow): the sliding window that
+    # keeps c-1 workers busy, over a fixed number of forks.
     capacity_rows = []
     for c in CAPACITIES:
-        capacity_rows.append(main_rows[-1] if c == 4 else
-                             ev(f"AsyncThink c={c}", ckpt["async"], countdown, "async", capacity=c)[0])
+        plan = " ".join(P.window_structure(BUDGET["sweep_forks"], c))
+        rows = [{**row, "plan": plan} for row in countdown]
+        capacity_rows.append(ev(f"AsyncThink c={c}, plan", ckpt["async"], rows, "async", capacity=c)[0])
 
     # 3. plots and the report
     plot_frontier(main_rows + ablations, os.path.join(out, "frontier.png"))

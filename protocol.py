@@ -187,6 +187,22 @@ def sample_structure(rng: random.Random, n_forks, capacity):
     return actions
 
 
+def window_structure(n_forks, capacity):
+    """The sliding window: keep capacity-1 workers busy, join the oldest first (the traces'
+    default topology, written out as a plan).
+
+    >>> window_structure(4, 3)
+    ['F1', 'F2', 'J1', 'F3', 'J2', 'F4', 'J3', 'J4']
+    """
+    actions, outstanding = [], []
+    for i in range(1, n_forks + 1):
+        if len(outstanding) == capacity - 1:
+            actions.append(f"J{outstanding.pop(0)}")
+        actions.append(f"F{i}")
+        outstanding.append(i)
+    return actions + [f"J{i}" for i in outstanding]
+
+
 # -----------------------------------------------------------------------------
 # Parsing and validating a trajectory
 

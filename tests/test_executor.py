@@ -182,6 +182,15 @@ def test_broken_parallel_episode_counts_the_steps_it_ran():
     assert rec["latency"] == rec["steps"] == 12
 
 
+def test_a_row_can_carry_a_structure_hint():
+    row = {**ROWS[0], "plan": "F1 J1"}
+    ex, cfg, eps = run([SEQUENTIAL], n=1)
+    plain = eps[0].organizer.prompt
+    eps = A.Executor(tiny_model(), tok, cfg).run([row], force=scripted([SEQUENTIAL]))
+    assert tok.decode(eps[0].organizer.prompt) == tok.decode(plain) + "plan F1 J1\n"
+    assert A.record(eps[0], tok, cfg)["plan"] == "F1 J1"
+
+
 def test_parallel_sudoku_majority_vote():
     row = {"task": "sudoku", "puzzle": "1.3.....2..4...1"}
     grid_a, grid_b = "1234341221434321", "1234341221434312"

@@ -32,7 +32,7 @@ def test_quick_experiment_writes_every_table_and_plot(quick):
     names = [r["name"] for r in res["rows"]]
     for name in ("sequential L24", "sequential L48", "parallel L24", "parallel L48", "AsyncThink", "no R_η",
                  "no format SFT", "no RL", "sudoku sequential", "sudoku parallel", "sudoku async",
-                 "countdown async, zero-shot", "AsyncThink c=2", "AsyncThink c=8"):
+                 "countdown async, zero-shot", "AsyncThink c=2, plan", "AsyncThink c=8, plan"):
         assert name in names
     for r in res["rows"]:  # every row was measured on the same number of test puzzles
         assert r["n"] == 8 and 0 <= r["all_correct"] <= r["ge1"] <= 100

@@ -97,6 +97,26 @@ def test_sampled_structures_are_valid(capacity):
         assert not running and forked == list(range(1, n + 1))
 
 
+@pytest.mark.parametrize("capacity", [2, 3, 4, 8])
+def test_window_structure_keeps_the_pool_full(capacity):
+    """Oracle: simulate the pool; every fork happens when a slot is free, and a join happens
+    only when the pool is full (or at the end), so c-1 workers are busy whenever possible."""
+    for n in range(1, 10):
+        actions = P.window_structure(n, capacity)
+        running, forked = [], []
+        for a in actions:
+            i = int(a[1:])
+            if a[0] == "F":
+                assert len(running) < capacity - 1
+                running.append(i); forked.append(i)
+            else:
+                assert i == running[0]  # the oldest first
+                assert len(running) == capacity - 1 or len(forked) == n
+                running.pop(0)
+        assert not running and forked == list(range(1, n + 1))
+    assert P.window_structure(3, 8) == ["F1", "F2", "F3", "J1", "J2", "J3"]
+
+
 # ---------------------------------------------------------------- latency, hand-worked
 
 def traj(org, workers, capacity=4, task="countdown"):
