@@ -295,6 +295,27 @@ def check_compatible(ckpt, cfg, path):
             raise ValueError(f"{path} was trained with {key}={old[key]!r}, this run has {getattr(cfg, key)!r}")
 
 
+def resume_from(ckpt, optimizer, rng, path, stage, rank):
+    """Continue a stage from its checkpoint (optimizer state and data RNG); returns its step."""
+    if ckpt is None:
+        return 0
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(rng, ckpt["rng"])
+    if rank == 0:
+        print(f"resuming {stage} from {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+def wrap(model, cfg, world, device):
+    """(ddp, fwd, autocast): the model under DDP when there are several processes, the forward
+    torch.compile'd with --compile, and a bf16 autocast context with --dtype bfloat16 on CUDA."""
+    ddp = DDP(model) if world > 1 else model
+    fwd = torch.compile(ddp) if cfg.compile else ddp
+    bf16 = cfg.dtype == "bfloat16" and "cuda" in str(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return ddp, fwd, autocast
+
+
 def sft_step(fwd, model, optimizer, batches, cfg, device, ddp=None, autocast=nullcontext()):
     """One optimizer step over a step's micro-batches: the loss is the sum over trained tokens
     divided by their count (every token weighs the same, whatever its batch). With DDP the
@@ -324,17 +345,10 @@ def train_sft(cfg, rank, world, device, log):
     model, ckpt = build_model(cfg, tok, device, resume)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     rng = random.Random(cfg.seed * 1009 + rank)  # each rank draws its own puzzles: a data shard
-    start = 0
     if ckpt is not None:
         check_compatible(ckpt, cfg, path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        set_rng_state(rng, ckpt["rng"])
-        if rank == 0:
-            print(f"resuming SFT from {path} at step {start}")
-    ddp = DDP(model) if world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and "cuda" in str(device) else nullcontext()
+    start = resume_from(ckpt, optimizer, rng, path, "SFT", rank)
+    ddp, fwd, autocast = wrap(model, cfg, world, device)
     stop = cfg.stop_at or cfg.sft_steps
     bar = tqdm(range(start, stop), desc="sft", disable=rank != 0, initial=start, total=stop, file=sys.stderr)
     model.train()
@@ -410,16 +424,8 @@ def train_rl(cfg, rank, world, device, log):
         ref.eval().requires_grad_(False)
     optimizer = make_optimizer(model, cfg.rl_lr, 0.0)
     rng = random.Random(cfg.seed * 7919 + rank)  # each rank draws its own questions
-    start = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start = ckpt["step"]
-        set_rng_state(rng, ckpt["rng"])
-        if rank == 0:
-            print(f"resuming RL from {path} at step {start}")
-    ddp = DDP(model) if world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and "cuda" in str(device) else nullcontext()
+    start = resume_from(ckpt, optimizer, rng, path, "RL", rank)
+    ddp, fwd, autocast = wrap(model, cfg, world, device)
     lam = 0.0 if cfg.no_concurrency_reward else cfg.lam
     per_rank = max(1, cfg.questions // world)
     stop = cfg.stop_at or cfg.rl_steps
