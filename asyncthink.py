@@ -486,11 +486,7 @@ def load_model(path, device="cpu"):
         model = GPT.from_pretrained(path, vocab_size=tok.n_vocab)
     else:
         model, ckpt = load_checkpoint(path)
-        spec = ckpt.get("tokenizer", {"kind": "bytes", "max_forks": P.MAX_FORKS})
-        if spec.get("kind") == "gpt2":
-            tok = P.load_gpt2_tokenizer(spec["folder"], spec.get("max_forks", P.MAX_FORKS))
-        else:
-            tok = P.Tokenizer.bytes_level(spec.get("max_forks", P.MAX_FORKS))
+        tok = P.Tokenizer.from_spec(ckpt.get("tokenizer"))
         if model.config.vocab_size != tok.n_vocab:
             raise ValueError(f"{path}: model vocabulary {model.config.vocab_size} does not match "
                              f"its tokenizer's {tok.n_vocab}")
@@ -587,9 +583,9 @@ def main(argv=None):
         if args.command == "init":
             from model import GPTConfig, save_checkpoint
             torch.manual_seed(args.seed)
-            tok = P.Tokenizer.bytes_level()
+            tok = P.Tokenizer.numbers()
             model = GPT(GPTConfig.preset(args.preset, tok.n_vocab))
-            save_checkpoint(args.out, model, tokenizer={"kind": "bytes", "max_forks": tok.max_forks})
+            save_checkpoint(args.out, model, tokenizer=tok.spec())
             print(f"checkpoint: {args.out} ({model.num_params() / 1e6:.2f}M parameters, random weights)")
             return 0
         cfg = run_config(args)

@@ -247,7 +247,7 @@ def bench(args):
         script = replace(script, think=max(0, args.think))
     if args.worker_think is not None:
         script = replace(script, worker_think=max(0, args.worker_think))
-    tok = P.Tokenizer.bytes_level()
+    tok = P.Tokenizer.numbers()
     org, worker = scripts(tok, script)
     capacity, force = script.workers + 1, forcer(org, worker)
     cfg = GPTConfig.preset("tiny" if args.quick else "small", tok.n_vocab)

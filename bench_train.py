@@ -57,7 +57,7 @@ def main(argv=None):
     if args.steps <= 1:
         ap.error("--steps must be at least 2")
     cfg = train.parse_args(["--preset", args.preset] + (["--sft-episodes", str(args.episodes)] if args.episodes else []))
-    tok = P.Tokenizer.bytes_level()
+    tok = P.Tokenizer.numbers()
     torch.manual_seed(0)
     ours = GPT(GPTConfig.preset(cfg.model, tok.n_vocab))
     bare = GPT(GPTConfig.preset(cfg.model, tok.n_vocab))

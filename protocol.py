@@ -47,6 +47,11 @@ ORGANIZER, WORKER, PAD = "<ORGANIZER>", "<WORKER>", "<PAD>"
 RETURN, RETURN_END = "<RETURN>", "</RETURN>"
 ANSWER, ANSWER_END = "<ANSWER>", "</ANSWER>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The default tokenizer's pre-split: a number of 1-3 digits, maybe after a space, that does not
+# touch another digit or a '.' is one piece (" 12"); every other digit is a piece of its own, so
+# a Sudoku grid like "12.4...." stays one token per cell.
+NUMBER_PATTERN = (r""" ?(?<![\d.])\d{1,3}(?![\d.])|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}"""
+                  r"""| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
 def fork_tags(i):
@@ -70,8 +75,8 @@ class Tokenizer:
     (5, ('fork', 2))
     """
 
-    def __init__(self, enc: tiktoken.Encoding, max_forks=MAX_FORKS):
-        self.enc, self.max_forks = enc, max_forks
+    def __init__(self, enc: tiktoken.Encoding, max_forks=MAX_FORKS, kind="bytes", folder=None):
+        self.enc, self.max_forks, self.kind, self.folder = enc, max_forks, kind, folder
         self.n_vocab = enc.n_vocab
         ids = {name: enc.encode_single_token(name) for name in special_token_names(max_forks)}
         self.organizer, self.worker, self.pad = ids[ORGANIZER], ids[WORKER], ids[PAD]
@@ -95,7 +100,55 @@ class Tokenizer:
         specials = {name: 256 + j for j, name in enumerate(special_token_names(max_forks))}
         enc = tiktoken.Encoding(name=f"asyncthink-bytes-{max_forks}", pat_str=GPT2_PATTERN,
                                 mergeable_ranks=ranks, special_tokens=specials)
-        return cls(enc, max_forks)
+        return cls(enc, max_forks, "bytes")
+
+    @classmethod
+    def numbers(cls, max_forks=MAX_FORKS):
+        """The default: 256 byte tokens, then one token per run of 1-3 digits alone or after a
+        space ("12", " 12", "007"), then the tags. Built offline.
+
+        Why numbers get their own tokens: a thread copies numbers all the time (the question's
+        numbers into a sub-query, a worker's result into the answer). With one token per digit,
+        "the token after the last 2" is ambiguous, and a small model learns to copy only very
+        slowly; with " 12" one token, copying is looking up the one earlier " 12". Arithmetic
+        facts become one-token facts too ("12", "*", "11", "=" -> "132").
+
+        >>> tok = Tokenizer.numbers()
+        >>> [tok.decode([i]) for i in tok.encode("12 9 of 3 9 12 to 30")]
+        ['12', ' 9', ' ', 'o', 'f', ' 3', ' 9', ' 12', ' ', 't', 'o', ' 30']
+        >>> [tok.decode([i]) for i in tok.encode("12+9=21 +9: 9-4=5 ok")]
+        ['12', '+', '9', '=', '21', ' ', '+', '9', ':', ' 9', '-', '4', '=', '5', ' ', 'o', 'k']
+        >>> [tok.decode([i]) for i in tok.encode("grid 12.4 x124 =3 1234")]
+        ['g', 'r', 'i', 'd', ' 1', '2', '.', '4', ' ', 'x', '124', ' ', '=', '3', ' 1', '2', '3', '4']
+        """
+        if not 1 <= max_forks <= 999:
+            raise ValueError(f"max_forks must be in 1..999, got {max_forks}")
+        ranks = {bytes([b]): b for b in range(256)}
+        for width in (1, 2, 3):  # shorter first, so BPE can always reach the whole number
+            for n in range(10 ** width):
+                for text in (f"{n:0{width}d}", f" {n:0{width}d}"):  # "7", "07", " 007", ...
+                    if text.encode() not in ranks:
+                        ranks[text.encode()] = len(ranks)
+        specials = {name: len(ranks) + j for j, name in enumerate(special_token_names(max_forks))}
+        enc = tiktoken.Encoding(name=f"asyncthink-numbers-{max_forks}", pat_str=NUMBER_PATTERN,
+                                mergeable_ranks=ranks, special_tokens=specials)
+        return cls(enc, max_forks, "numbers")
+
+    def spec(self):
+        """What a checkpoint stores to rebuild this tokenizer (see from_spec)."""
+        spec = {"kind": self.kind, "max_forks": self.max_forks}
+        return {**spec, "folder": self.folder} if self.kind == "gpt2" else spec
+
+    @classmethod
+    def from_spec(cls, spec):
+        """The tokenizer a checkpoint was trained with; older checkpoints were byte-level."""
+        spec = spec or {"kind": "bytes"}
+        max_forks = spec.get("max_forks", MAX_FORKS)
+        if spec.get("kind") == "gpt2":
+            return load_gpt2_tokenizer(spec["folder"], max_forks)
+        if spec.get("kind", "bytes") not in ("bytes", "numbers"):
+            raise ValueError(f"unknown tokenizer kind {spec.get('kind')!r}")
+        return cls.numbers(max_forks) if spec.get("kind") == "numbers" else cls.bytes_level(max_forks)
 
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")
@@ -139,7 +192,7 @@ def load_gpt2_tokenizer(folder, max_forks=MAX_FORKS):
     specials.update({name: eot + 1 + j for j, name in enumerate(special_token_names(max_forks))})
     enc = tiktoken.Encoding(name="gpt2-asyncthink", pat_str=GPT2_PATTERN,
                             mergeable_ranks=ranks, special_tokens=specials)
-    return Tokenizer(enc, max_forks)
+    return Tokenizer(enc, max_forks, "gpt2", os.path.abspath(folder))
 
 
 # -----------------------------------------------------------------------------

@@ -433,7 +433,7 @@ def make_trace(row, mode, rng: random.Random, capacity=4, **kw):
 
 def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5):
     """Token lengths, latency, eta and answer quality of n traces (byte-level tokens)."""
-    tok = P.Tokenizer.bytes_level()
+    tok = P.Tokenizer.numbers()
     rng = random.Random(seed)
     org, work, lat, eta, full = [], [], [], [], 0
     for row in tasks.make_puzzles(task, "small", n=n, seed=seed, split="train"):
@@ -470,7 +470,7 @@ def main(argv=None):
         mode = args.mode or "async"
         print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share).text())
         return
-    print(f"{args.n} small-preset puzzles per row, c={args.capacity}, byte-level tokens (prompts included)")
+    print(f"{args.n} small-preset puzzles per row, c={args.capacity}, tokens of the default tokenizer (prompts included)")
     print("| task | mode | organizer tokens mean/max | worker tokens mean/max | workers/episode "
           "| latency | eta | traces with all k answers |")
     print("|---|---|---|---|---|---|---|---|")

@@ -181,11 +181,6 @@ def set_rng_state(rng, state):
     torch.set_rng_state(state["torch"])
 
 
-def tokenizer_spec(cfg):
-    return {"kind": "gpt2", "folder": os.path.abspath(cfg.init), "max_forks": P.MAX_FORKS} if cfg.init \
-        else {"kind": "bytes", "max_forks": P.MAX_FORKS}
-
-
 def save(path, model, optimizer, step, rng, cfg, tok_spec, extra=None):
     raw = model.module if isinstance(model, DDP) else model
     raw = getattr(raw, "_orig_mod", raw)  # torch.compile wraps the module
@@ -339,7 +334,7 @@ def sft_step(fwd, model, optimizer, batches, cfg, device, ddp=None, autocast=nul
 
 def train_sft(cfg, rank, world, device, log):
     from tqdm import tqdm
-    tok = P.load_gpt2_tokenizer(cfg.init) if cfg.init else P.Tokenizer.bytes_level()
+    tok = P.load_gpt2_tokenizer(cfg.init) if cfg.init else P.Tokenizer.numbers()
     path = os.path.join(cfg.run_dir, "sft.pt")
     resume = path if cfg.resume and os.path.exists(path) else None
     model, ckpt = build_model(cfg, tok, device, resume)
@@ -374,7 +369,7 @@ def train_sft(cfg, rank, world, device, log):
                                                        if k.startswith("eval")))
         log.write(row)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
-            save(path, model, optimizer, step + 1, rng, cfg, tokenizer_spec(cfg))
+            save(path, model, optimizer, step + 1, rng, cfg, tok.spec())
     bar.close()
     return path
 
@@ -393,7 +388,7 @@ def load_policy(cfg, device):
         check_compatible(ckpt, cfg, rl_path)
         return model, tok, ckpt
     if cfg.from_scratch:
-        tok = P.Tokenizer.bytes_level()
+        tok = P.Tokenizer.numbers()
         model, _ = build_model(cfg, tok, device)
         return model, tok, None
     if not os.path.exists(sft_path):
@@ -496,7 +491,7 @@ def train_rl(cfg, rank, world, device, log):
             row.update(evaluate(model, tok, cfg, cfg.eval_n))
         log.write(row)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
-            save(path, model, optimizer, step + 1, rng, cfg, tokenizer_spec(cfg))
+            save(path, model, optimizer, step + 1, rng, cfg, tok.spec())
     bar.close()
     return path
 

@@ -42,6 +42,52 @@ def test_tag_ids_out_of_range_are_refused():
     assert small.tag_id("join_end", 4) == small.encode("</JOIN-4>")[0]
 
 
+def naive_number_pieces(text):
+    """Oracle for the numbers tokenizer, written as a plain scan instead of a regex: a run of
+    1-3 digits with no digit or '.' on either side is one piece (with the space before it, if
+    any); every other digit is a piece alone (with its space)."""
+    pieces, i = [], 0
+    while i < len(text):
+        j = i + (text[i] == " ")
+        if j < len(text) and text[j].isdigit():
+            k = j
+            while k < len(text) and text[k].isdigit():
+                k += 1
+            alone = (k - j <= 3 and (j == 0 or text[j - 1] not in "0123456789.")
+                     and (k == len(text) or text[k] != "."))
+            if alone:
+                pieces.append(text[i:k]); i = k; continue
+            pieces.append(text[i:j + 1]); i = j + 1; continue
+        i += 1
+    return pieces
+
+
+def test_numbers_tokenizer_gives_each_number_one_token():
+    num = P.Tokenizer.numbers(max_forks=4)
+    for n in list(range(0, 1000, 7)) + [999]:
+        assert len(num.encode(str(n))) == 1 and len(num.encode(f" {n}")) == 1, n
+    rng = random.Random(0)
+    alphabet = "0123456789 .+-*/=:x\n"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30)))
+        ids = num.encode(text)
+        assert num.decode(ids) == text
+        digit_tokens = [num.decode([i]) for i in ids if any(c.isdigit() for c in num.decode([i]))]
+        assert digit_tokens == naive_number_pieces(text), text
+    text = "<FORK-3>17 4 of 2 9 17 to 80</FORK-3><JOIN-3>x</JOIN-3> ok 1 é grid 12.4"
+    assert num.decode(num.encode(text)) == text
+    assert num.n_vocab == 256 + 2 * 1110 - 10 + 7 + 4 * 4  # 1-3 digit runs, bare and after a space
+
+
+def test_tokenizer_spec_round_trip(tmp_path):
+    for t in (P.Tokenizer.bytes_level(5), P.Tokenizer.numbers(6)):
+        back = P.Tokenizer.from_spec(t.spec())
+        assert (back.kind, back.max_forks, back.n_vocab) == (t.kind, t.max_forks, t.n_vocab)
+    assert P.Tokenizer.from_spec(None).kind == "bytes"  # checkpoints from before the spec
+    with pytest.raises(ValueError, match="unknown tokenizer kind"):
+        P.Tokenizer.from_spec({"kind": "morse"})
+
+
 def test_gpt2_tokenizer_files_match_transformers(tmp_path):
     """A tiny GPT-2-format BPE (256 bytes + a few merges), read by tiktoken's loader, encodes
     like transformers' GPT2Tokenizer reading the same files; protocol tags come after it."""

@@ -124,11 +124,18 @@ def test_ddp_two_cpu_processes(tmp_path):
         port = s.getsockname()[1]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                 "train.py"]
-    r = subprocess.run(torchrun + ["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "2"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+
+    def launch(*args):
+        """One torchrun; a second try only if the first failed (on a loaded 2-core box gloo's
+        rendezvous or teardown has failed once in ~20 runs), with both outputs if both fail."""
+        first = subprocess.run(torchrun + list(args), capture_output=True, text=True, env=env, timeout=300)
+        if first.returncode == 0:
+            return first
+        second = subprocess.run(torchrun + list(args), capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 0, first.stderr[-3000:] + "\n---- retry ----\n" + second.stderr[-3000:]
+        return second
+
+    r = launch("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "2")
     assert r.stdout.count("checkpoint: ") == 1  # one writer
-    r = subprocess.run(torchrun + ["--stage", "rl", *TINY, "--run-dir", str(d), "--rl-steps", "2"],
-                       capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = launch("--stage", "rl", *TINY, "--run-dir", str(d), "--rl-steps", "2")
     assert (d / "rl.pt").exists()
