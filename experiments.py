@@ -387,7 +387,7 @@ def main(argv=None):
 
     def ev(name, path, rows, mode, paper="", capacity=4, organizer_tokens=org, worker_tokens=wrk):
         print(f"[experiments] evaluating {name}")
-        temp = cfg.temperature if mode == "parallel" else 0.0
+        temp = cfg.eval_parallel_temperature if mode == "parallel" else 0.0
         row, records = evaluate(path, rows, mode, 1 if mode == "sequential" else capacity,
                                 organizer_tokens, worker_tokens, temp, device, args.seed)
         return {"name": name, "paper": paper, **row}, records
@@ -425,7 +425,7 @@ def main(argv=None):
         with open(os.path.join(out, "timeline.txt"), "w") as f:
             f.write(A.show_timeline(shown[0]) + "\n\n" + shown[0]["trace"]["organizer"] + "\n")
     res = dict(budget=args.budget, seed=args.seed, n_test=n, device=str(device),
-               parallel_temperature=cfg.temperature, main=main_rows, ablations=ablations,
+               parallel_temperature=cfg.eval_parallel_temperature, main=main_rows, ablations=ablations,
                sudoku=sudoku_rows, capacity=capacity_rows, timings=timings, train_seconds=train_seconds,
                rl_plot=rl_plot, timeline=bool(shown))
     seconds = time.perf_counter() - t_start

@@ -85,7 +85,8 @@ class TrainConfig:
     from_scratch: bool = False      # RL without SFT (ablation)
     max_organizer_tokens: int = 900
     max_worker_tokens: int = 320
-    # evaluation
+    # evaluation (greedy; parallel workers sample, or they would all write the same text)
+    eval_parallel_temperature: float = 0.5
     eval_every: int = 500
     eval_n: int = 32
     stop_at: int = 0                # stop (with a checkpoint) after this step: tests, split runs
@@ -205,9 +206,9 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     rows = [new_puzzle(cfg, task_of(cfg, rng), rng, split="val") for _ in range(n)]
     mode = mode or cfg.mode
     # Parallel thinking is N independent samples of one question: greedy workers would all
-    # write the same text, so they sample at the RL temperature (seeded, reproducible).
+    # write the same text, so they sample (seeded, reproducible).
     run = A.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
-                      temperature=cfg.temperature if mode == "parallel" else 0.0,
+                      temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
     raw = getattr(model, "_orig_mod", model)
