@@ -99,6 +99,17 @@ PROTOCOL = [
     print("vocabulary:", tok.n_vocab, "tokens = 256 bytes +", tok.n_vocab - 256, "special tokens")
     """),
     md("""
+    This notebook counts tokens by hand, so it uses the byte-level tokenizer: one token per
+    character. The models `train.py` trains use `P.Tokenizer.numbers()`, which also has one token
+    per number of up to 3 digits (`" 12"` with its space is one token): a thread copies numbers all
+    the time, and copying one token is far easier for a small model than copying digit by digit.
+    """),
+    code("""
+    num = P.Tokenizer.numbers()
+    print([num.decode([t]) for t in num.encode("<FORK-2>12 9 of 3 9 12 to 30</FORK-2>")])
+    print("vocabulary:", num.n_vocab, "tokens")
+    """),
+    md("""
     ## A trajectory written by hand
 
     Pool capacity **c = 3**: the organizer plus at most 2 running workers. The organizer splits the
@@ -749,7 +760,7 @@ TRAINING = [
     import random
     import protocol as P, tasks, traces
 
-    tok = P.Tokenizer.bytes_level()
+    tok = P.Tokenizer.numbers()  # the tokenizer train.py uses
     row = tasks.make_puzzles("countdown", "small", n=1, seed=0, split="train")[0]
     print(row)
     example = {mode: traces.make_trace(row, mode, random.Random(0), capacity=4, hint_share=0.0)
@@ -792,7 +803,8 @@ TRAINING = [
     in nats.
 
     A check you can do by hand: a freshly initialised model predicts almost uniformly over the
-    391-token vocabulary, so its first loss should be close to **ln 391 ≈ 5.97 nats**.
+    2,601-token vocabulary of `P.Tokenizer.numbers()`, so its first loss should be close to
+    **ln 2601 ≈ 7.86 nats**.
     """),
     code("""
     import math, tempfile
@@ -802,7 +814,7 @@ TRAINING = [
     sft_steps = 20 if QUICK else 400
     train("--stage", "sft", "--preset", "tiny", "--run-dir", run_dir, "--sft-steps", sft_steps)
     sft = metrics(run_dir, "sft")
-    print(f"{len(sft)} steps; loss {sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f} nats/token; ln(391) = {math.log(tok.n_vocab):.3f}")
+    print(f"{len(sft)} steps; loss {sft[0]['loss']:.3f} -> {sft[-1]['loss']:.3f} nats/token; ln({tok.n_vocab}) = {math.log(tok.n_vocab):.3f}")
     assert abs(sft[0]["loss"] - math.log(tok.n_vocab)) < 0.3
     """),
     code("""
@@ -811,7 +823,7 @@ TRAINING = [
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], label="training loss")
-    ax.axhline(math.log(tok.n_vocab), color="grey", ls="--", label="uniform guess, ln 391")
+    ax.axhline(math.log(tok.n_vocab), color="grey", ls="--", label=f"uniform guess, ln {tok.n_vocab}")
     ax.set_xlabel("SFT step (fresh traces every step)")
     ax.set_ylabel("loss (nats per trained token)")
     ax.set_title("format SFT of the tiny model on async countdown traces")
@@ -1192,7 +1204,7 @@ EXPERIMENTS = [
     import random
     import protocol as P, traces
 
-    tok = P.Tokenizer.bytes_level()
+    tok = P.Tokenizer.numbers()
     puzzles = tasks.make_puzzles("countdown", "small", n=12 if QUICK else 100, seed=3, split="test")
 
     def teacher(mode, capacity):
