@@ -428,10 +428,12 @@ def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     n_correct, solved = score(ep.row, traj.answers)
     org = ep.organizer
     steps = max(th.finish_step or 0 for th in ep.threads) - ep.step0
-    # A valid episode's latency is the protocol's critical path (equal to the steps it ran). A
-    # broken one may stop in a worker while the organizer waits (its path would read 0): it
-    # counts the steps it ran.
-    latency = P.critical_path(traj) if not traj.errors else max(P.critical_path(traj), steps)
+    # An episode that answered has the protocol's critical path as its latency. One stopped
+    # before its answer may have stopped in a worker while the organizer waited (its path would
+    # read 0): it counts the steps it ran.
+    latency = P.critical_path(traj)
+    if ep.stop_reason != "answer":
+        latency = max(latency, steps)
     return {**ep.row, "mode": cfg.mode, "answers": traj.answers, "n_correct": n_correct,
             "correct": solved, "latency": latency,
             "concurrency": round(P.concurrency(traj), 4),
