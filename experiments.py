@@ -303,7 +303,8 @@ def write_report(report, out, res, command, seconds):
         f"{res['n_test']} fresh test-split puzzles per row, the same puzzles for every model",
         f"- hardware: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
         f"device `{res['device']}`, torch {torch.__version__}, Python {platform.python_version()}",
-        f"- wall time of the whole run: {seconds / 60:.1f} min (training {res['train_seconds'] / 60:.1f} min)",
+        f"- wall time of this invocation: {seconds / 60:.1f} min (training {res['train_seconds'] / 60:.1f} min; "
+        "stages finished by an earlier, interrupted invocation are reused and not counted)",
         "- greedy decoding, except parallel workers (independent samples at temperature "
         f"{res['parallel_temperature']}); latency = critical path in decoding steps; "
         "η = mean active threads over it; wall s/ep = an episode's start-to-finish time inside a batch of 32",
