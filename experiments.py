@@ -24,7 +24,6 @@ folder to start over.
 import argparse
 import json
 import os
-import random
 import sys
 import time
 
