@@ -2,8 +2,9 @@
 Reinforcement learning for AsyncThink: a GRPO variant over whole organizer-worker structures.
 
 This file holds the pieces; train.py's RL stage runs them. One rollout is a whole STRUCTURE:
-the organizer's trace and every worker's trace, produced by the executor (batched, on the KV cache). For each question we sample G structures, score each
-with one reward, and turn the G rewards into group-relative advantages. The advantage of a
+the organizer's trace and every worker's trace, produced by the executor (batched, on the KV
+cache). For each question we sample G structures, score each with one reward, and turn the G
+rewards into group-relative advantages. The advantage of a
 structure is shared by EVERY TOKEN THE MODEL GENERATED in it, in every thread; prompts and the
 join results the executor injected get no loss.
 
