@@ -515,18 +515,34 @@ def solve(model, tok, rows, cfg: RunConfig, progress=True):
     return [record(ep, tok, cfg) for ep in episodes]
 
 
+def metrics(records):
+    """The paper's metrics over episode records, as fractions and means:
+
+        ge1..gek   share with at least j distinct correct answers (countdown; k = 1 for Sudoku)
+        all        share entirely correct (all k answers right)
+        format_ok  share with no format error
+        latency    mean critical path (decoding steps); eta: mean concurrency; tokens: mean total
+    """
+    n = len(records)
+    k = max(r.get("k", 1) for r in records)
+    mean = lambda key: sum(r[key] for r in records) / n
+    out = {f"ge{j}": sum(r["n_correct"] >= j for r in records) / n for j in range(1, k + 1)}
+    out.update(all=mean("correct"), format_ok=sum(not r["format_errors"] for r in records) / n,
+               latency=mean("latency"), eta=mean("concurrency"), tokens=mean("tokens"))
+    return out
+
+
 def summary(records, seconds=None):
     """One line of metrics per mode: accuracy >=1..>=k and all, latency, eta, tokens, errors."""
     lines = []
     for mode in dict.fromkeys(r["mode"] for r in records):
         rs = [r for r in records if r["mode"] == mode]
-        k = max(r.get("k", 1) for r in rs)
-        mean = lambda key: sum(r[key] for r in rs) / len(rs)
-        acc = " ".join(f">={j} {100 * sum(r['n_correct'] >= j for r in rs) / len(rs):5.1f}%"
-                       for j in range(1, k + 1) if k > 1)
-        line = (f"{mode:<10} n={len(rs)}  {acc}  all {100 * mean('correct'):5.1f}%  "
-                f"latency {mean('latency'):7.1f}  eta {mean('concurrency'):.2f}  tokens "
-                f"{mean('tokens'):7.1f}  format errors {100 * sum(bool(r['format_errors']) for r in rs) / len(rs):5.1f}%")
+        m = metrics(rs)
+        k = sum(key.startswith("ge") for key in m)
+        acc = " ".join(f">={j} {100 * m[f'ge{j}']:5.1f}%" for j in range(1, k + 1) if k > 1)
+        line = (f"{mode:<10} n={len(rs)}  {acc}  all {100 * m['all']:5.1f}%  "
+                f"latency {m['latency']:7.1f}  eta {m['eta']:.2f}  tokens "
+                f"{m['tokens']:7.1f}  format errors {100 * (1 - m['format_ok']):5.1f}%")
         if seconds:
             line += f"  {len(rs) / seconds:.2f} episodes/s"
         lines.append(line)

@@ -114,10 +114,16 @@ def run_jobs(jobs, n_parallel):
 # -----------------------------------------------------------------------------
 # Evaluation: every model on the same test puzzles
 
+_loaded = {}  # (checkpoint path, its mtime, device) -> (model, tokenizer)
+
+
 def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=320,
              temperature=0.0, device="cpu", seed=0):
     """Metrics of one model in one mode on `rows`, and the episode records."""
-    model, tok = A.load_model(ckpt, device)
+    key = (ckpt, os.path.getmtime(ckpt), device)  # the capacity sweep evaluates one model 5 times
+    if key not in _loaded:
+        _loaded[key] = A.load_model(ckpt, device)
+    model, tok = _loaded[key]
     run = A.RunConfig(mode=mode, capacity=capacity, temperature=temperature, seed=seed,
                       max_organizer_tokens=organizer_tokens, max_worker_tokens=worker_tokens,
                       batch_episodes=32)
@@ -125,17 +131,14 @@ def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=3
     t0 = time.perf_counter()
     records = A.solve(model, tok, rows, run, progress=True)
     seconds = time.perf_counter() - t0
-    n = len(records)
-    k = max(r.get("k", 1) for r in records)
-    mean = lambda key: sum(r[key] for r in records) / n
-    row = dict(task=rows[0]["task"], mode=mode, capacity=capacity, n=n, organizer_tokens=organizer_tokens,
-               worker_tokens=worker_tokens,
-               **{f"ge{j}": 100 * sum(r["n_correct"] >= j for r in records) / n for j in range(1, k + 1)},
-               all_correct=100 * mean("correct"), latency=mean("latency"), eta=mean("concurrency"),
-               eta_over_c=100 * mean("concurrency") / (1 if mode == "sequential" else capacity),
-               tokens=mean("tokens"),
-               format_error_rate=100 * sum(bool(r["format_errors"]) for r in records) / n,
-               wall_s=mean("wall_s"), seconds=seconds)
+    m = A.metrics(records)
+    row = dict(task=rows[0]["task"], mode=mode, capacity=capacity, n=len(records),
+               organizer_tokens=organizer_tokens, worker_tokens=worker_tokens,
+               **{key: 100 * v for key, v in m.items() if key.startswith("ge")},
+               all_correct=100 * m["all"], latency=m["latency"], eta=m["eta"],
+               eta_over_c=100 * m["eta"] / (1 if mode == "sequential" else capacity),
+               tokens=m["tokens"], format_error_rate=100 * (1 - m["format_ok"]),
+               wall_s=sum(r["wall_s"] for r in records) / len(records), seconds=seconds)
     return row, records
 
 

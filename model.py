@@ -352,6 +352,27 @@ class GPT(nn.Module):
         return model
 
 
+def init_number_embeddings(model, values, periods=(2, 3, 4, 5, 7, 10, 20, 50, 100, 200, 500, 1000),
+                           scale=0.05):
+    """Add the Fourier features of each number's VALUE to its token embedding, before training.
+
+    values maps token id -> the integer it stands for. A randomly initialised embedding knows
+    nothing about 12 being 9 + 3, so every arithmetic fact ("12", "-", "9", "=" -> "3") has to be
+    memorised on its own; with cos/sin(2 pi v / T) in the first 2 * len(periods) channels, numbers
+    start where arithmetic is a smooth function of the embedding (pretrained LLMs were found to
+    represent numbers this way, with periods 2, 5, 10 and 100). The embedding stays trainable,
+    and it is tied to the output layer, so predicting a number starts from the same features.
+    """
+    wte = model.transformer.wte.weight
+    periods = periods[:wte.size(1) // 2]
+    ids = torch.tensor(list(values.keys()))
+    v = torch.tensor(list(values.values()), dtype=torch.float32)[:, None]  # (N, 1)
+    angle = 2 * math.pi * v / torch.tensor(periods, dtype=torch.float32)  # (N, P)
+    features = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)  # (N, 2P)
+    with torch.no_grad():
+        wte[ids, :features.size(1)] += scale * features.to(wte.device, wte.dtype)
+
+
 class KVCache:
     """Keys and values of already-processed tokens, so decoding a token costs one
     forward over that token instead of over the whole sequence.

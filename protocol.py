@@ -47,9 +47,13 @@ ORGANIZER, WORKER, PAD = "<ORGANIZER>", "<WORKER>", "<PAD>"
 RETURN, RETURN_END = "<RETURN>", "</RETURN>"
 ANSWER, ANSWER_END = "<ANSWER>", "</ANSWER>"
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The words the synthetic traces write: one token each in Tokenizer.numbers.
+WORDS = ("countdown", "sudoku", "plan", "grid", "of", "to", "below", "rest", "have", "ok", "no",
+         "none")
 # The default tokenizer's pre-split: a number of 1-3 digits, maybe after a space, that does not
-# touch another digit or a '.' is one piece (" 12"); every other digit is a piece of its own, so
-# a Sudoku grid like "12.4...." stays one token per cell.
+# touch another digit or a '.' is one piece (" 12", which BPE then cuts into " " and "12");
+# every other digit is a piece of its own, so a Sudoku grid like "12.4...." stays one token per
+# cell.
 NUMBER_PATTERN = (r""" ?(?<![\d.])\d{1,3}(?![\d.])|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}"""
                   r"""| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
@@ -104,35 +108,47 @@ class Tokenizer:
 
     @classmethod
     def numbers(cls, max_forks=MAX_FORKS):
-        """The default: 256 byte tokens, then one token per run of 1-3 digits alone or after a
-        space ("12", " 12", "007"), then the tags. Built offline.
+        """The default: 256 byte tokens, one token per run of 1-3 digits ("12", "007"), one per
+        word the traces use ("below", "ok"), then the tags. Spaces stay tokens of their own.
+        Built offline.
 
         Why numbers get their own tokens: a thread copies numbers all the time (the question's
         numbers into a sub-query, a worker's result into the answer). With one token per digit,
         "the token after the last 2" is ambiguous, and a small model learns to copy only very
-        slowly; with " 12" one token, copying is looking up the one earlier " 12". Arithmetic
-        facts become one-token facts too ("12", "*", "11", "=" -> "132").
+        slowly; with "12" one token, copying is looking up the one earlier "12". Arithmetic facts
+        become one-token facts too ("12", "*", "11", "=" -> "132"). Why the space is not part of
+        the number: then "12" is the same token wherever it stands, so "9-4=5" teaches the same
+        fact after a space as at the start of a line. (A first version merged " 12" into one
+        token: every number had two ids, and every fact had to be learned twice.)
 
         >>> tok = Tokenizer.numbers()
         >>> [tok.decode([i]) for i in tok.encode("12 9 of 3 9 12 to 30")]
-        ['12', ' 9', ' ', 'o', 'f', ' 3', ' 9', ' 12', ' ', 't', 'o', ' 30']
-        >>> [tok.decode([i]) for i in tok.encode("12+9=21 +9: 9-4=5 ok")]
-        ['12', '+', '9', '=', '21', ' ', '+', '9', ':', ' 9', '-', '4', '=', '5', ' ', 'o', 'k']
+        ['12', ' ', '9', ' ', 'of', ' ', '3', ' ', '9', ' ', '12', ' ', 'to', ' ', '30']
+        >>> [tok.decode([i]) for i in tok.encode("12+9=21 30-21=9: 9-4=5 ok")]
+        ['12', '+', '9', '=', '21', ' ', '30', '-', '21', '=', '9', ':', ' ', '9', '-', '4', '=', '5', ' ', 'ok']
         >>> [tok.decode([i]) for i in tok.encode("grid 12.4 x124 =3 1234")]
-        ['g', 'r', 'i', 'd', ' 1', '2', '.', '4', ' ', 'x', '124', ' ', '=', '3', ' 1', '2', '3', '4']
+        ['grid', ' ', '1', '2', '.', '4', ' ', 'x', '124', ' ', '=', '3', ' ', '1', '2', '3', '4']
         """
         if not 1 <= max_forks <= 999:
             raise ValueError(f"max_forks must be in 1..999, got {max_forks}")
         ranks = {bytes([b]): b for b in range(256)}
         for width in (1, 2, 3):  # shorter first, so BPE can always reach the whole number
             for n in range(10 ** width):
-                for text in (f"{n:0{width}d}", f" {n:0{width}d}"):  # "7", "07", " 007", ...
-                    if text.encode() not in ranks:
-                        ranks[text.encode()] = len(ranks)
+                ranks.setdefault(f"{n:0{width}d}".encode(), len(ranks))  # "7", "07", "007", ...
+        for word in WORDS:  # every prefix, so BPE's pairwise merges can build the word
+            for end in range(2, len(word) + 1):
+                ranks.setdefault(word[:end].encode(), len(ranks))
         specials = {name: len(ranks) + j for j, name in enumerate(special_token_names(max_forks))}
         enc = tiktoken.Encoding(name=f"asyncthink-numbers-{max_forks}", pat_str=NUMBER_PATTERN,
                                 mergeable_ranks=ranks, special_tokens=specials)
         return cls(enc, max_forks, "numbers")
+
+    def number_values(self):
+        """{token id: value} for the tokens that are a number written the usual way ("12", not
+        "012"): what model.init_number_embeddings reads. Empty for tokenizers without them."""
+        if self.kind != "numbers":
+            return {}
+        return {self.enc.encode_single_token(str(n)): n for n in range(1000)}
 
     def spec(self):
         """What a checkpoint stores to rebuild this tokenizer (see from_spec)."""

@@ -9,31 +9,35 @@ wrote the solver's hidden search result, "make 30: 12+21=33 33-3=30", which a 2M
 cannot guess: 0% correct after SFT. See BENCHMARKS.md.)
 
 Countdown, worked example (numbers 2 3 4 5 9 12, target 30, k = 4). The building block is an
-ATTEMPT at one first step on a pair: its value v, the distance d to the target, and a scan for d
-among the numbers left, or for d = c + e with two of them:
+ATTEMPT at one first step on a pair: its value v, the distance d to the target written as an
+equation, and a scan for d among the numbers left, or for d = c + e with two of them:
 
-    12+9=21 +9: 9-2=7 9-3=6 9-4=5 ok     30 - 21 = 9; 9-2=7 is not left, 9-3=6 neither, 9-4=5 is
-    -> 12+9+4+5                          the expression (attempts that fail end in "no")
+    12+9=21 30-21=9: 9-2=7 9-3=6 9-4=5 ok     9-2=7 is not left, 9-3=6 neither, 9-4=5 is
+    -> 12+9+4+5                               the expression (attempts that fail end in "no")
 
-A worker's job is one PAIR of numbers: an attempt for each first step on it (12+9, 12-9,
-12*9, 12/9 when exact), then <RETURN> with what it found ("none" if nothing).
+A worker's job is one PAIR of numbers: first the numbers it may use ("below 2 3 4 5": those
+below b, for a+b and a-b; "rest 2 3 4 5": all but a and b), then an attempt for each first step
+on the pair (12+9, 12-9, 12*9, 12/9 when exact), then <RETURN> with what it found ("none" if
+nothing).
 
 * sequential: the organizer does every pair itself, largest pairs first ("12 9" on its own
-  line, the attempts, then "ok n" with n found so far, or "no"), until it has k.
+  line, the attempts, then the tally: "ok" and the answers found so far, or "no"), until it
+  has k.
 * parallel: the organizer forks the whole question to N workers; each does the sequential search
   in its own random pair order; the organizer joins all and answers the union.
 * async: the organizer forks one worker per pair, largest first ("12 9 of 2 3 4 5 9 12 to 30"),
-  keeps up to c-1 running (fork, fork, fork, join, fork, join, ...), tallies each join ("ok 3"
-  or "no"), stops forking once it has k, and answers. With probability `hint_share` the trace
-  follows a random action sequence written into the prompt ("plan F1 F2 J1 ...") instead:
-  structure initialization, so the model learns many topologies, not one.
+  keeps up to c-1 running (fork, fork, fork, join, fork, join, ...), tallies each join ("ok" and
+  the answers so far, or "no"), stops forking once it has k, and answers. With probability
+  `hint_share` the trace follows a random action sequence written into the prompt ("plan F1 F2
+  J1 ...") instead: structure initialization, so the model learns many topologies, not one.
 
     <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
     <FORK-1>12 9 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>12 5 of ...</FORK-2><FORK-3>...</FORK-3>
-    <JOIN-1>12+9+4+5</JOIN-1> ok 1
+    <JOIN-1>12+9+4+5</JOIN-1> ok 12+9+4+5
     <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
+    <FORK-5>...</FORK-5><JOIN-3>12*3-(2+4)</JOIN-3> ok 12+9+4+5, 12*3-(2+4)
     ...
-    <ANSWER>12+9+4+5, ..., ..., ...</ANSWER>
+    <ANSWER>12+9+4+5, 12*3-(2+4), ..., ...</ANSWER>      (a copy of the last tally)
 
 Sudoku 4x4 (cells r1c1..r4c4, grid row-major, '.' blank). An attempt fills one UNIT (a row):
 for each blank cell it writes the digits the cell's row, column and box exclude and what is
@@ -85,28 +89,30 @@ def first_steps(numbers):
 def countdown_attempt(first, rest, target):
     r"""One attempt: (text, expression or None). `first` is (a, op, b, v), a >= b.
 
-    Every token of the text follows from what is already written, by arithmetic on one or two
-    numbers or by looking a number up among those left: nothing is guessed, so a small model can
-    learn to write it exactly. The search it writes out: with v = a op b and d = |target - v|,
-    is d itself left ("have"), or is d = c + e for two numbers left (try each c < d in order)?
+    Every token of the text follows from what is already written, by arithmetic on two numbers
+    side by side or by looking a number up in the lists at the top of the worker's text:
+    nothing is guessed, so a small model can learn to write it exactly. The search it writes
+    out: with v = a op b, the distance d = |target - v| as an equation ("27-17=10": both
+    operands in view, not one of them far back in the prompt); is d itself left ("have"), or is
+    d = c + e for two numbers left (try each c < d in order)?
 
     >>> countdown_attempt((9, "+", 8, 17), [2, 3, 5, 7], 27)
-    ('9+8=17 +10: 10-2=8 10-3=7 ok\n-> 9+8+3+7', '9+8+3+7')
+    ('9+8=17 27-17=10: 10-2=8 10-3=7 ok\n-> 9+8+3+7', '9+8+3+7')
     >>> countdown_attempt((9, "-", 8, 1), [2, 3, 5, 7], 9)
-    ('9-8=1 +8: 8-2=6 8-3=5 ok\n-> 9-8+3+5', '9-8+3+5')
+    ('9-8=1 9-1=8: 8-2=6 8-3=5 ok\n-> 9-8+3+5', '9-8+3+5')
 
     A distance beyond the two largest numbers left (here 5 + 7 = 12) needs no scan:
 
     >>> countdown_attempt((9, "*", 8, 72), [2, 3, 5, 7], 27)
-    ('9*8=72 -45: no', None)
+    ('9*8=72 72-27=45: no', None)
 
     A sum of several numbers would be found once by every pair in it, so after a+b or a-b the
-    search uses only numbers below b: each sum is found by its two largest numbers, and workers
-    never return the same solution twice (the organizer just counts). Here 9+7 may use only 2, 3
-    and 5, and 11 is beyond 3 + 5:
+    search uses only numbers below b (the worker's "below" list): each sum is found by its two
+    largest numbers, and workers never return the same solution twice (the organizer just
+    counts). Here 9+7 may use only 2, 3 and 5, and 11 is beyond 3 + 5:
 
     >>> countdown_attempt((9, "+", 7, 16), [2, 3, 5, 8], 27)
-    ('9+7=16 +11: no', None)
+    ('9+7=16 27-16=11: no', None)
     """
     a, op, b, v = first
     head = f"{a}{op}{b}"
@@ -114,9 +120,13 @@ def countdown_attempt(first, rest, target):
     found = lambda expr: (f"{text} ok\n-> {expr}", expr)
     if v == target:
         return found(head)
-    d, sign = (target - v, "+") if v < target else (v - target, "-")
-    left = [x for x in rest if x < b] if op in "+-" else rest
-    text += f" {sign}{d}:"
+    if v < target:
+        d, sign = target - v, "+"
+        text += f" {target}-{v}={d}:"
+    else:
+        d, sign = v - target, "-"
+        text += f" {v}-{target}={d}:"
+    left = below(b, rest) if op in "+-" else rest
     if d in left:
         text += " have"
         return found(f"{head}{sign}{d}")
@@ -130,6 +140,11 @@ def countdown_attempt(first, rest, target):
         if e in left and e != c:
             return found(f"{head}+{c}+{e}" if sign == "+" else f"{head}-({c}+{e})")
     return text + " no", None
+
+
+def below(b, rest):
+    """The numbers left that a search after a+b or a-b may use: those below b."""
+    return [x for x in rest if x < b]
 
 
 # -----------------------------------------------------------------------------
@@ -264,25 +279,47 @@ def pairs_in_order(numbers):
 
 
 def pair_attempts(a, b, numbers, target):
-    """A worker's job in async mode: every first step on the pair (a, b), one attempt each.
-    Returns (text, [expressions found])."""
+    """A worker's job in async mode: every first step on the pair (a, b), one attempt each,
+    under two lists it writes first, so each attempt looks numbers up in its own text: "rest"
+    (the numbers other than a and b) and "below" (those below b, for a+b and a-b).
+    Returns (text, [expressions found]).
+
+    >>> print(pair_attempts(5, 3, [1, 2, 3, 5, 7], 16)[0])
+    below 1 2
+    rest 1 2 7
+    5+3=8 16-8=8: no
+    5-3=2 16-2=14: no
+    5*3=15 16-15=1: have ok
+    -> 5*3+1
+    """
     rest = [x for x in numbers if x not in (a, b)]
+    lists = [f"below {' '.join(map(str, below(b, rest))) or '-'}", f"rest {' '.join(map(str, rest))}"]
     blocks, found = [], []
     for first in first_steps([a, b]):
         text, expr = countdown_attempt(first, rest, target)
         blocks.append(text)
         if expr is not None:
             found.append(expr)
-    return "\n".join(blocks), found
+    return "\n".join(lists + blocks), found
 
 
-def count_new(found, exprs):
+def tally(found, exprs, k):
     """Add expressions to `found` (canonical form -> expression) and return the tally the
-    organizer writes: 'ok n' when something new came in (n found so far), else 'no'."""
-    before = len(found)
+    organizer writes after reading them: "ok" and its answers so far (the first k), when
+    something new came in, else "no". The running list keeps every copy short and unambiguous:
+    a tally copies the previous tally and the join just read, and the final answer copies the
+    last tally. (A first design wrote a count, "ok 2", and the answer copied each expression
+    from its join far back: 70% of those copied tokens were right after SFT.)
+
+    >>> found = {}
+    >>> tally(found, ["12+9+4+5"], 4), tally(found, [], 4), tally(found, ["12*3-6", "12+5+4+9"], 4)
+    ('ok 12+9+4+5', 'no', 'ok 12+9+4+5, 12*3-6')
+    """
+    before = list(found.values())[:k]
     for expr in exprs:
         found.setdefault(tasks.canonical(expr), expr)
-    return f"ok {len(found)}" if len(found) > before else "no"
+    now = list(found.values())[:k]
+    return f"ok {P.ANSWER_SEPARATOR.join(now)}" if now != before else "no"
 
 
 def countdown_search(numbers, target, k, pairs):
@@ -292,7 +329,7 @@ def countdown_search(numbers, target, k, pairs):
     found, blocks = {}, []
     for a, b in pairs:
         text, got = pair_attempts(a, b, numbers, target)
-        blocks.append(f"{a} {b}\n{text}\n{count_new(found, got)}")
+        blocks.append(f"{a} {b}\n{text}\n{tally(found, got, k)}")
         if len(found) >= k:
             break
     return "\n".join(blocks), found
@@ -319,8 +356,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
             org.fork(i, question, text, P.ANSWER_SEPARATOR.join(got.values()) or "none")
         for i in range(1, n + 1):
             joined = org.join(i)
-            count_new(found, P.parse_answer(joined, "countdown"))
-            org.say(f" ok {len(found)}\n")
+            org.say(f" {tally(found, P.parse_answer(joined, 'countdown'), k)}\n")
         answers = list(found.values())[:k]
         org.answer(answers)
         return Trace(row, mode, org.pieces, org.workers, answers)
@@ -343,7 +379,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
                  P.ANSWER_SEPARATOR.join(got) or "none")
 
     def on_join(i):
-        org.say(f" {count_new(found, P.parse_answer(org.join(i), 'countdown'))}\n")
+        org.say(f" {tally(found, P.parse_answer(org.join(i), 'countdown'), k)}\n")
 
     run_structure(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]

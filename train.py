@@ -38,7 +38,7 @@ import grpo
 import protocol as P
 import tasks
 import traces
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, init_number_embeddings, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -56,6 +56,7 @@ class TrainConfig:
     dtype: str = "float32"          # float32 | bfloat16 (autocast, CUDA)
     compile: bool = False
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
+    number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
     # SFT (defaults: ~15 minutes on 2 CPU cores; many small steps learn faster here than few
     # large ones: 1500 x 2 traces reached a lower loss than 600 x 8 in the same time)
@@ -214,14 +215,7 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     raw = getattr(model, "_orig_mod", model)
     records = A.solve(raw, tok, rows, run, progress=False)
     raw.train()
-    k = max(r.get("k", 1) for r in records)
-    out = {f"eval_ge{j}": sum(r["n_correct"] >= j for r in records) / n for j in range(1, k + 1)}
-    out.update(eval_all=sum(r["correct"] for r in records) / n,
-               eval_format_ok=sum(not r["format_errors"] for r in records) / n,
-               eval_latency=sum(r["latency"] for r in records) / n,
-               eval_eta=sum(r["concurrency"] for r in records) / n,
-               eval_tokens=sum(r["tokens"] for r in records) / n)
-    return out
+    return {f"eval_{key}": value for key, value in A.metrics(records).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +274,10 @@ def build_model(cfg, tok, device, resume_from=None):
     if cfg.init:
         return GPT.from_pretrained(cfg.init, vocab_size=tok.n_vocab).to(device), None
     torch.manual_seed(cfg.seed)
-    return GPT(GPTConfig.preset(cfg.model, tok.n_vocab)).to(device), None
+    model = GPT(GPTConfig.preset(cfg.model, tok.n_vocab))
+    if cfg.number_init == "fourier":
+        init_number_embeddings(model, tok.number_values())
+    return model.to(device), None
 
 
 def check_compatible(ckpt, cfg, path):
@@ -534,6 +531,8 @@ def parse_args(argv=None):
                  "inner_updates", "eval_n"):
         if getattr(cfg, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if cfg.number_init not in ("fourier", "random"):
+        ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":
         ap.error("--capacity must be >= 2 for parallel and async modes")
     return cfg

@@ -101,8 +101,10 @@ PROTOCOL = [
     md("""
     This notebook counts tokens by hand, so it uses the byte-level tokenizer: one token per
     character. The models `train.py` trains use `P.Tokenizer.numbers()`, which also has one token
-    per number of up to 3 digits (`" 12"` with its space is one token): a thread copies numbers all
-    the time, and copying one token is far easier for a small model than copying digit by digit.
+    per number of up to 3 digits (`"12"` is one token wherever it stands; the space before it is a
+    token of its own) and one per word the traces write (`"below"`, `"ok"`): a thread copies
+    numbers all the time, and copying one token is far easier for a small model than copying digit
+    by digit.
     """),
     code("""
     num = P.Tokenizer.numbers()
@@ -747,14 +749,15 @@ TRAINING = [
     md("""
     ## Three thinking modes, three trace formats
 
-    One countdown puzzle (small preset: 6 numbers, target 10–99, k = 4 distinct expressions), one
+    One countdown puzzle (small preset: 6 numbers in 1–12, target 10–30, k = 4 distinct expressions), one
     trace per mode, all written by `traces.make_trace`:
 
     * **sequential** — the organizer alone searches, one attempt after another, keeping a tally;
     * **parallel** — the organizer forks the whole question to N = c − 1 workers, joins all, answers
       the union;
     * **async** — the organizer forks one sub-query per *pair of numbers*, keeps up to c − 1 workers
-      running, tallies each join (`ok n` new, `no`), and stops forking once it has k answers.
+      running, tallies each join (`ok` and the answers so far, or `no`), and stops forking once it
+      has k answers; the final answer is a copy of the last tally.
     """),
     code("""
     import random
@@ -803,8 +806,8 @@ TRAINING = [
     in nats.
 
     A check you can do by hand: a freshly initialised model predicts almost uniformly over the
-    2,601-token vocabulary of `P.Tokenizer.numbers()`, so its first loss should be close to
-    **ln 2601 ≈ 7.86 nats**.
+    1,526-token vocabulary of `P.Tokenizer.numbers()`, so its first loss should be close to
+    **ln 1526 ≈ 7.33 nats**.
     """),
     code("""
     import math, tempfile

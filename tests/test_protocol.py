@@ -44,20 +44,19 @@ def test_tag_ids_out_of_range_are_refused():
 
 def naive_number_pieces(text):
     """Oracle for the numbers tokenizer, written as a plain scan instead of a regex: a run of
-    1-3 digits with no digit or '.' on either side is one piece (with the space before it, if
-    any); every other digit is a piece alone (with its space)."""
+    1-3 digits with no digit or '.' on either side is one piece; every other digit is a piece
+    alone."""
     pieces, i = [], 0
     while i < len(text):
-        j = i + (text[i] == " ")
-        if j < len(text) and text[j].isdigit():
-            k = j
+        if text[i].isdigit():
+            k = i
             while k < len(text) and text[k].isdigit():
                 k += 1
-            alone = (k - j <= 3 and (j == 0 or text[j - 1] not in "0123456789.")
+            alone = (k - i <= 3 and (i == 0 or text[i - 1] not in "0123456789.")
                      and (k == len(text) or text[k] != "."))
             if alone:
                 pieces.append(text[i:k]); i = k; continue
-            pieces.append(text[i:j + 1]); i = j + 1; continue
+            pieces.append(text[i]); i += 1; continue
         i += 1
     return pieces
 
@@ -65,7 +64,10 @@ def naive_number_pieces(text):
 def test_numbers_tokenizer_gives_each_number_one_token():
     num = P.Tokenizer.numbers(max_forks=4)
     for n in list(range(0, 1000, 7)) + [999]:
-        assert len(num.encode(str(n))) == 1 and len(num.encode(f" {n}")) == 1, n
+        assert len(num.encode(str(n))) == 1 and num.encode(f" {n}") == num.encode(" ") + num.encode(str(n)), n
+    for word in P.WORDS:
+        assert len(num.encode(word)) == 1 and len(num.encode(f" {word}")) == 2, word
+    assert len(num.encode("nope")) == 3  # 'no', 'p', 'e': other text stays bytes
     rng = random.Random(0)
     alphabet = "0123456789 .+-*/=:x\n"
     for _ in range(300):
@@ -76,7 +78,8 @@ def test_numbers_tokenizer_gives_each_number_one_token():
         assert digit_tokens == naive_number_pieces(text), text
     text = "<FORK-3>17 4 of 2 9 17 to 80</FORK-3><JOIN-3>x</JOIN-3> ok 1 é grid 12.4"
     assert num.decode(num.encode(text)) == text
-    assert num.n_vocab == 256 + 2 * 1110 - 10 + 7 + 4 * 4  # 1-3 digit runs, bare and after a space
+    n_word_prefixes = len({w[:e] for w in P.WORDS for e in range(2, len(w) + 1)})
+    assert num.n_vocab == 256 + 1110 - 10 + n_word_prefixes + 7 + 4 * 4  # 1-3 digit runs, words
 
 
 def test_tokenizer_spec_round_trip(tmp_path):

@@ -112,13 +112,13 @@ def test_unknown_mode_and_task():
 
 def test_worker_search_helpers():
     text, expr = traces.countdown_attempt((25, "-", 7, 18), [3, 12, 19, 21], 48)
-    assert text == "25-7=18 +30: no" and expr is None  # after a-b only numbers below b: just 3
+    assert text == "25-7=18 48-18=30: no" and expr is None  # after a-b only numbers below b: just 3
     text, expr = traces.countdown_attempt((25, "*", 2, 50), [3, 12, 19, 21], 48)
-    assert text == "25*2=50 -2: no" and expr is None  # 2 is below the smallest number: the scan stops
+    assert text == "25*2=50 50-48=2: no" and expr is None  # 2 is below the smallest number: the scan stops
     text, expr = traces.countdown_attempt((25, "*", 2, 50), [3, 12, 19, 21], 10)
-    assert text == "25*2=50 -40: 40-3=37 40-12=28 40-19=21 ok\n-> 25*2-(19+21)" and expr == "25*2-(19+21)"
+    assert text == "25*2=50 50-10=40: 40-3=37 40-12=28 40-19=21 ok\n-> 25*2-(19+21)" and expr == "25*2-(19+21)"
     text, expr = traces.countdown_attempt((12, "+", 9, 21), [2, 3, 4, 5], 30)
-    assert text == "12+9=21 +9: 9-2=7 9-3=6 9-4=5 ok\n-> 12+9+4+5" and expr == "12+9+4+5"
+    assert text == "12+9=21 30-21=9: 9-2=7 9-3=6 9-4=5 ok\n-> 12+9+4+5" and expr == "12+9+4+5"
     assert tasks.check_countdown(expr, [2, 3, 4, 5, 9, 12], 30) is None
     assert traces.countdown_attempt((6, "*", 4, 24), [1, 2, 3], 24) == ("6*4=24 ok\n-> 6*4", "6*4")
     assert traces.countdown_attempt((6, "*", 4, 24), [1, 2, 3], 21)[1] == "6*4-3"  # have
@@ -137,3 +137,22 @@ def test_async_workers_never_return_the_same_solution_twice():
                 assert tasks.check_countdown(expr, numbers, target) is None
                 seen.setdefault(tasks.canonical(expr), []).append((a, b, expr))
         assert all(len(v) == 1 for v in seen.values()), [v for v in seen.values() if len(v) > 1]
+
+def test_worker_lists_and_running_tally():
+    """A worker writes the numbers it may use before its attempts; the organizer's tally is the
+    running list of answers, and its final answer is a copy of the last tally."""
+    text, found = traces.pair_attempts(12, 9, [2, 3, 4, 5, 9, 12], 30)
+    assert text.split("\n")[:2] == ["below 2 3 4 5", "rest 2 3 4 5"]
+    assert traces.pair_attempts(5, 2, [1, 2, 5, 9], 16)[0].split("\n")[:2] == ["below 1", "rest 1 9"]
+    assert traces.pair_attempts(2, 1, [1, 2, 5, 9], 16)[0].split("\n")[:2] == ["below -", "rest 5 9"]
+    rng = random.Random(5)
+    for row in tasks.make_puzzles("countdown", "small", n=20, seed=5, split="train"):
+        for mode in ("sequential", "parallel", "async"):
+            trace = traces.make_trace(row, mode, rng, 4, hint_share=0.0)
+            org = "".join(text for text, _ in trace.organizer)
+            # a tally line: "ok ..." (sequential) or "<JOIN-i>...</JOIN-i> ok ..." (the others)
+            tallies = [line.split("ok ", 1)[1] for line in org.split("\n")
+                       if line.startswith("ok ") or re.search(r"</JOIN-\d+> ok ", line)]
+            answer = org.split("<ANSWER>")[1].split("</ANSWER>")[0]
+            assert tallies and tallies[-1] == answer, (mode, tallies, answer)
+            assert answer.split(", ") == trace.answers
