@@ -1,0 +1,124 @@
+"""
+Where does a countdown model go wrong? Teacher-forced next-token accuracy, by kind of token.
+
+A trained model fails an episode when one token of it is wrong: a digit of a distance, a number
+copied into the answer. Sampling whole episodes says THAT it fails; this says WHERE. We feed the
+solver-written async traces of fresh validation puzzles to the model (teacher forcing: every
+prefix is the correct one) and ask, at each trained token, whether its most likely next token is
+the right one. Tokens are grouped by what writing them takes:
+
+    wrk op result         12+9=|21          arithmetic on the pair (a small table)
+    wrk distance          ... 30-21=|9      target minus value (a large table)
+    wrk scan              ...: 9-2=|7 9-|3  the scan: subtractions, next number, verdict
+    wrk lists / copies    below |2 3 4 5    copying numbers the worker was given
+    org tally / answer    ok |12+9+4+5, ... copying expressions the organizer was handed
+    spaces, structure     everything that follows from the format alone
+
+    python diagnose.py --ckpt runs/countdown-async/sft.pt          # 40 puzzles, ~20 s on a CPU
+
+BENCHMARKS.md shows the table for the default SFT run, and what the trace design changed
+because of it.
+"""
+
+import argparse
+import random
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+import asyncthink as A
+import tasks
+import traces
+
+H = r"\d+[-+*/]\d+=\d+"  # the head of an attempt: "12+9=21"
+
+
+def kind_of(role, line, token):
+    """The kind of `token`, written after `line` (the text of its thread's current line)."""
+    if token.isspace():
+        return "spaces"
+    if role == "organizer":
+        if "<ANSWER>" in line:
+            return "org answer copy"
+        if re.search(r"</JOIN-\d+> ok", line):
+            return "org tally copy"
+        if re.search(r"</JOIN-\d+> ?$", line):
+            return "org tally verdict (ok/no)"
+        if re.search(r"<FORK-\d+>[^<]*$", line):
+            return "org sub-query copy"
+        return "org structure"
+    if line.startswith(("below", "rest")):
+        return "wrk lists"
+    if line.startswith("->") or "<RETURN>" in line:
+        return "wrk expression copy"
+    if re.fullmatch(r"\d+[-+*/]\d+=", line):
+        return "wrk op result"
+    if re.fullmatch(H + r" \d+-\d+=", line):
+        return "wrk distance result"
+    if re.fullmatch(H + r" (\d+-)?", line):
+        return "wrk distance operands (or ok)"
+    if re.search(r":.*\d+-\d+=$", line):
+        return "wrk scan subtraction"
+    if re.search(r":.*\d+-$", line):
+        return "wrk scan next number"
+    if re.search(r": (.* )?$", line):
+        return "wrk scan verdict or distance copy"
+    return "wrk structure"
+
+
+@torch.no_grad()
+def diagnose(model, tok, preset="small", n=40, seed=777, capacity=4):
+    """{kind: [tokens, correct]} over the threads of n fresh async traces (no structure hints)."""
+    model.eval()
+    rng = random.Random(seed)
+    stats = defaultdict(lambda: [0, 0])
+    for _ in range(n):
+        row = tasks.make_countdown(tasks.COUNTDOWN_PRESETS[preset], rng, split="val")
+        trace = traces.make_trace(row, "async", rng, capacity, hint_share=0.0)
+        for t_idx, (ids, mask) in enumerate(trace.sequences(tok)):
+            ids, mask = ids[:model.config.block_size + 1], mask[:model.config.block_size + 1]
+            logits = model(torch.tensor([ids[:-1]]))
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            pred = logits[0].argmax(-1).tolist()
+            role = "organizer" if t_idx == 0 else "worker"
+            start = mask.index(True) if role == "worker" else 0  # a worker's lines start after its prompt
+            for t in range(1, len(ids)):
+                if not mask[t]:
+                    continue
+                line = tok.decode(ids[start:t]).split("\n")[-1]
+                s = stats[kind_of(role, line, tok.decode([ids[t]]))]
+                s[0] += 1
+                s[1] += pred[t - 1] == ids[t]
+    return dict(stats)
+
+
+def table(stats):
+    """A markdown table, the kinds with the most errors first."""
+    errors = sum(n - c for n, c in stats.values()) or 1
+    lines = ["| kind of token | tokens | accuracy | share of all errors |", "|---|---|---|---|"]
+    for kind, (n, c) in sorted(stats.items(), key=lambda kv: kv[1][1] - kv[1][0]):
+        lines.append(f"| {kind} | {n} | {100 * c / n:.1f}% | {100 * (n - c) / errors:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Teacher-forced accuracy of a countdown model, by kind of token.")
+    ap.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    ap.add_argument("--preset", choices=sorted(tasks.COUNTDOWN_PRESETS), default="small")
+    ap.add_argument("--n", type=int, default=40, help="validation puzzles")
+    ap.add_argument("--seed", type=int, default=777)
+    args = ap.parse_args(argv)
+    if args.n <= 0:
+        ap.error("--n must be positive")
+    try:
+        model, tok = A.load_model(args.ckpt)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(table(diagnose(model, tok, args.preset, args.n, args.seed)))
+
+
+if __name__ == "__main__":
+    main()
