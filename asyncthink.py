@@ -557,7 +557,9 @@ def add_run_flags(ap):
     ap.add_argument("--mode", choices=MODES, default=d.mode)
     ap.add_argument("--capacity", type=int, default=d.capacity, help="pool capacity c (organizer included)")
     ap.add_argument("--n-parallel", type=int, default=None, help="parallel mode: workers N (default c-1)")
-    ap.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="0 = greedy; default greedy, 0.5 in parallel mode (greedy workers would "
+                         "all write the same text), as train.py evaluates")
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--max-organizer-tokens", type=int, default=d.max_organizer_tokens)
@@ -569,8 +571,11 @@ def add_run_flags(ap):
 
 
 def run_config(args):
+    temperature = args.temperature
+    if temperature is None:
+        temperature = 0.5 if args.mode == "parallel" else 0.0
     cfg = RunConfig(mode=args.mode, capacity=args.capacity, n_parallel=args.n_parallel,
-                    temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                    temperature=temperature, top_k=args.top_k, seed=args.seed,
                     max_organizer_tokens=args.max_organizer_tokens,
                     max_worker_tokens=args.max_worker_tokens,
                     max_episode_tokens=args.max_episode_tokens, max_steps=args.max_steps,

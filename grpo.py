@@ -29,6 +29,10 @@ r_t = exp(logp_new - logp_old), logp_old being the log-probability the rollout r
 
     L = - mean_t  min(r_t * A, clip(r_t, 1-eps, 1+eps) * A)   (+ kl_coef * KL to the SFT model)
 
+Rollouts sample at a temperature T (0.7 by default: an SFT model exact at T = 0 breaks its own
+format far more often at T = 1); logp_old is the UNtempered policy's log-probability of the
+sampled token, the one the loss differentiates, so the first inner update's ratio is exactly 1.
+
 Normalization across the threads of a structure: token-level. The mean runs over all generated
 tokens of the batch, whatever thread they belong to, so each token counts once: a 500-token
 organizer weighs 500 tokens, a 30-token worker 30. Averaging per thread first would give a
