@@ -70,7 +70,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     hint_share: float = 0.5
     # RL (defaults: <= 20 minutes on 2 CPU cores)
-    rl_steps: int = 50
+    rl_steps: int = 40
     questions: int = 8              # questions per RL step
     group: int = 4                  # G rollouts per question
     inner_updates: int = 2
