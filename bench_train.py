@@ -42,7 +42,7 @@ def flops(model, batches):
     cfg = model.config
     n_weights = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n and "wte" not in n)
     total = 0
-    for x, _ in batches:
+    for x, _, _ in batches:
         B, T = x.shape
         total += B * T * (6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * T + 6 * cfg.n_embd * cfg.vocab_size)
     return total
@@ -77,14 +77,14 @@ def main(argv=None):
         train.sft_step(ours, ours, opt_ours, batches, cfg, "cpu")
         t_ours.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for x, y in prepared[step]:  # nanoGPT: forward, backward, clip, step
-            _, loss = bare(x, y)
+        for x, y, seg in prepared[step]:  # nanoGPT: forward, backward, clip, step
+            _, loss = bare(x, y, segments=seg)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
         opt_bare.step()
         opt_bare.zero_grad(set_to_none=True)
         t_bare.append(time.perf_counter() - t0)
-        n_tokens.append(sum(x.numel() for x, _ in batches))
+        n_tokens.append(sum(x.numel() for x, _, _ in batches))
         n_flops.append(flops(ours, batches))
     keep = slice(1, None)  # the first step warms up allocators
     tok_s = lambda times: sum(n_tokens[keep]) / sum(times[keep])

@@ -74,6 +74,27 @@ def rotary(x, pos, base=10000.0):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def packed_positions(segments):
+    """segments (B, T) of non-decreasing ids per row -> (pos (B, T), mask (B, 1, T, T)):
+    each token's position within its segment, and True where query t may look at key s
+    (same segment, s <= t).
+
+    >>> pos, mask = packed_positions(torch.tensor([[0, 0, 0, 1, 1]]))
+    >>> pos.tolist()
+    [[0, 1, 2, 0, 1]]
+    >>> mask[0, 0].int().tolist()[4]  # the last b sees the two b's only
+    [0, 0, 0, 1, 1]
+    """
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values  # segment's start
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return t - first, (same & causal)[:, None]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention. One Linear (c_attn) makes queries, keys and values
     for all heads at once; c_proj mixes the heads' outputs back into the residual.
@@ -104,12 +125,14 @@ class CausalSelfAttention(nn.Module):
             q, k = rotary(q, pos), rotary(k, pos)
         return q, k, v
 
-    def forward(self, x):
+    def forward(self, x, pos, mask=None):
+        """x (B, T, C); pos (T,) or (B, T); mask (B, 1, T, T) True where a query may look at a
+        key (packed rows), or None for plain causal attention."""
         B, T, C = x.size()
-        pos = torch.arange(T, device=x.device)
         q, k, v = (t.transpose(1, 2) for t in self.qkv(x, pos))  # (B, nh, T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -152,8 +175,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, pos, mask=None):
+        x = x + self.attn(self.ln_1(x), pos, mask)
         return x + self.mlp(self.ln_2(x))
 
     def forward_cached(self, x, k_cache, v_cache, slots, pos, mask):
@@ -194,21 +217,30 @@ class GPT(nn.Module):
         """All parameters; the tied embedding matrix is counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None, reduction="mean", segments=None):
         """idx (B, T) token ids -> logits (B, T, V).
         With targets (B, T) -> (logits, loss). Targets equal to -1 are ignored.
         reduction='none' gives the per-token loss (B, T), i.e. minus the log-probability
-        of each target token (0 at ignored positions), which RL needs."""
+        of each target token (0 at ignored positions), which RL needs.
+
+        segments (B, T), optional: several sequences packed into one row (training without
+        padding). Each token then attends only to earlier tokens of its own segment, and
+        positions restart at 0 where a segment starts, so every sequence is computed exactly
+        as if it were alone in its row. Row [a a a b b] has segments [0 0 0 1 1]:
+        positions [0 1 2 0 1], and the b's never see the a's."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
+        if segments is None:
+            pos, mask = torch.arange(T, device=idx.device), None  # (T,)
+        else:
+            pos, mask = packed_positions(segments)
         x = self.transformer.wte(idx)
         if not self.config.rope:
             x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, pos, mask)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits

@@ -135,19 +135,45 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
 
 
 def micro_batches(seqs, micro_tokens, pad_id):
-    """Group sequences of similar length (sorted) into padded (x, y) batches of about
-    micro_tokens tokens each. y is x shifted by one, -1 where there is no loss."""
-    out = []
-    for group in grpo.length_groups(seqs, micro_tokens):
-        T = max(len(ids) for ids, _ in group) - 1
+    """Pack sequences into rows as long as the longest one, with no padding between them, and
+    the rows into micro-batches of about micro_tokens tokens: [(x, y, segments)], each (B, T).
+    y is x shifted by one within each sequence, -1 where there is no loss; segments numbers
+    the sequences of a row (model.forward keeps them apart: own positions, own attention).
+
+    Why pack: a step's threads are one or two organizers of ~300-550 tokens and a dozen
+    workers of ~100; padded to the longest, 59% of a batch was padding. Sequences go longest
+    first into the least filled row that has room, so rows come out about equally long:
+    lengths [5, 3, 2] -> rows [5] and [3 2], padding 0 of 10. Rows no longer than the longest
+    sequence keep attention (quadratic in the row's length) as cheap as padding made it;
+    BENCHMARKS.md has the measured step times."""
+    pieces = sorted(((ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+                     for ids, mask in seqs), key=lambda p: -len(p[0]))
+    width = len(pieces[0][0])
+    rows, filled = [], []  # the pieces of each row, and how many tokens they hold
+    for xs, ys in pieces:
+        fits = [r for r in range(len(rows)) if filled[r] + len(xs) <= width]
+        if not fits:
+            rows.append([])
+            filled.append(0)
+            fits = [len(rows) - 1]
+        r = min(fits, key=lambda r: filled[r])
+        rows[r].append((xs, ys))
+        filled[r] += len(xs)
+    out, per_batch = [], max(1, micro_tokens // width)
+    for first in range(0, len(rows), per_batch):
+        group = rows[first:first + per_batch]
+        T = max(filled[first:first + per_batch])
         x = torch.full((len(group), T), pad_id, dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)
-        for b, (ids, mask) in enumerate(group):
-            n = len(ids) - 1
-            x[b, :n] = torch.tensor(ids[:-1])
-            target = torch.tensor(ids[1:])
-            y[b, :n] = torch.where(torch.tensor(mask[1:]), target, torch.tensor(-1))
-        out.append((x, y))
+        seg = torch.full((len(group), T), len(seqs), dtype=torch.long)  # padding: a segment of its own
+        for b, row in enumerate(group):
+            t = 0
+            for s, (xs, ys) in enumerate(row):
+                x[b, t:t + len(xs)] = torch.tensor(xs)
+                y[b, t:t + len(xs)] = torch.tensor(ys)
+                seg[b, t:t + len(xs)] = s
+                t += len(xs)
+        out.append((x, y, seg))
     return out
 
 
@@ -316,13 +342,13 @@ def sft_step(fwd, model, optimizer, batches, cfg, device, ddp=None, autocast=nul
     """One optimizer step over a step's micro-batches: the loss is the sum over trained tokens
     divided by their count (every token weighs the same, whatever its batch). With DDP the
     gradients are synchronized on the last micro-batch only. Returns (loss/token, grad norm)."""
-    n_target = sum(int((y != -1).sum()) for _, y in batches)
+    n_target = sum(int((y != -1).sum()) for _, y, _ in batches)
     total = 0.0
-    for j, (x, y) in enumerate(batches):
-        x, y = x.to(device), y.to(device)
+    for j, (x, y, seg) in enumerate(batches):
+        x, y, seg = x.to(device), y.to(device), seg.to(device)
         sync = ddp.no_sync() if isinstance(ddp, DDP) and j < len(batches) - 1 else nullcontext()
         with sync, autocast:
-            _, loss = fwd(x, y, reduction="sum")
+            _, loss = fwd(x, y, reduction="sum", segments=seg)
             (loss / n_target).backward()
         total += loss.item()
     if not math.isfinite(total):
@@ -358,7 +384,7 @@ def train_sft(cfg, rank, world, device, log):
             loss_per_token, norm = sft_step(fwd, model, optimizer, batches, cfg, device, ddp, autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is kept at {path}")
-        n_tokens = sum(x.numel() for x, _ in batches)
+        n_tokens = sum(x.numel() for x, _, _ in batches)
         row = {"stage": "sft", "step": step + 1, "loss": round(loss_per_token, 4),
                "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 3),
                "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}

@@ -217,3 +217,15 @@ def test_presets():
     assert counts["tiny"] < counts["small"] < counts["gpu"]
     with pytest.raises(ValueError, match="tiny"):
         GPTConfig.preset("huge", vocab_size=300)
+
+
+def test_packed_rows_compute_each_sequence_as_if_alone(model):
+    """Oracle: a row packing three sequences (segments) gives, at every position, the logits
+    of that sequence's own forward in a row by itself."""
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, V, (n,), generator=g) for n in (7, 3, 5)]
+    row = torch.cat(seqs)[None]  # (1, 15)
+    segments = torch.cat([torch.full((len(s),), i) for i, s in enumerate(seqs)])[None]
+    packed = model(row, segments=segments)[0]
+    alone = torch.cat([model(s[None])[0] for s in seqs])
+    torch.testing.assert_close(packed, alone, **TOL)

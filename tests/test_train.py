@@ -105,8 +105,8 @@ def test_nan_loss_stops_cleanly_and_keeps_the_checkpoint(tmp_path, monkeypatch, 
     good = weights(d / "sft.pt")
     forward = M.GPT.forward
 
-    def nan_forward(self, idx, targets=None, reduction="mean"):
-        logits, loss = forward(self, idx, targets, reduction)
+    def nan_forward(self, idx, targets=None, reduction="mean", segments=None):
+        logits, loss = forward(self, idx, targets, reduction, segments)
         return logits, loss * float("nan")
     monkeypatch.setattr(M.GPT, "forward", nan_forward)
     code = train.main(["--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "4", "--resume"])
@@ -139,3 +139,28 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert r.stdout.count("checkpoint: ") == 1  # one writer
     r = launch("--stage", "rl", *TINY, "--run-dir", str(d), "--rl-steps", "2")
     assert (d / "rl.pt").exists()
+
+
+def test_micro_batches_pack_every_trained_token_once_and_keep_sequences_apart():
+    """The packed batches hold each sequence's (input, target) pairs exactly once, within one
+    segment, with the loss mask of the sequence (oracle: the pairs read off the sequences)."""
+    seqs = [([1, 2, 3, 4, 5, 6], [False, False, True, True, True, True]),
+            ([7, 8, 9], [False, True, True]), ([10, 11], [False, True]),
+            ([12, 13, 14, 15], [False, False, True, False])]
+    batches = train.micro_batches(seqs, micro_tokens=10, pad_id=0)
+    expected = sorted((ids[t], ids[t + 1] if mask[t + 1] else -1) for ids, mask in seqs
+                      for t in range(len(ids) - 1))
+    got, padding = [], 0
+    for x, y, seg in batches:
+        assert x.shape == y.shape == seg.shape and x.shape[1] <= 5  # rows no longer than the longest
+        for b in range(x.shape[0]):
+            for s in seg[b].unique().tolist():
+                where = (seg[b] == s).nonzero().flatten()
+                assert (where == torch.arange(where[0], where[-1] + 1)).all()  # contiguous
+                if s == len(seqs):
+                    padding += len(where)
+                    assert (y[b, where] == -1).all()
+                else:
+                    got += list(zip(x[b, where].tolist(), y[b, where].tolist()))
+    assert sorted(got) == expected
+    assert padding == sum(x.numel() for x, _, _ in batches) - len(expected) == 0  # 5 | 3 2 | 1
