@@ -135,46 +135,10 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
 
 
 def micro_batches(seqs, micro_tokens, pad_id):
-    """Pack sequences into rows as long as the longest one, with no padding between them, and
-    the rows into micro-batches of about micro_tokens tokens: [(x, y, segments)], each (B, T).
-    y is x shifted by one within each sequence, -1 where there is no loss; segments numbers
-    the sequences of a row (model.forward keeps them apart: own positions, own attention).
-
-    Why pack: a step's threads are one or two organizers of ~300-550 tokens and a dozen
-    workers of ~100; padded to the longest, 59% of a batch was padding. Sequences go longest
-    first into the least filled row that has room, so rows come out about equally long:
-    lengths [5, 3, 2] -> rows [5] and [3 2], padding 0 of 10. Rows no longer than the longest
-    sequence keep attention (quadratic in the row's length) as cheap as padding made it;
-    BENCHMARKS.md has the measured step times."""
-    pieces = sorted(((ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-                     for ids, mask in seqs), key=lambda p: -len(p[0]))
-    width = len(pieces[0][0])
-    rows, filled = [], []  # the pieces of each row, and how many tokens they hold
-    for xs, ys in pieces:
-        fits = [r for r in range(len(rows)) if filled[r] + len(xs) <= width]
-        if not fits:
-            rows.append([])
-            filled.append(0)
-            fits = [len(rows) - 1]
-        r = min(fits, key=lambda r: filled[r])
-        rows[r].append((xs, ys))
-        filled[r] += len(xs)
-    out, per_batch = [], max(1, micro_tokens // width)
-    for first in range(0, len(rows), per_batch):
-        group = rows[first:first + per_batch]
-        T = max(filled[first:first + per_batch])
-        x = torch.full((len(group), T), pad_id, dtype=torch.long)
-        y = torch.full((len(group), T), -1, dtype=torch.long)
-        seg = torch.full((len(group), T), len(seqs), dtype=torch.long)  # padding: a segment of its own
-        for b, row in enumerate(group):
-            t = 0
-            for s, (xs, ys) in enumerate(row):
-                x[b, t:t + len(xs)] = torch.tensor(xs)
-                y[b, t:t + len(xs)] = torch.tensor(ys)
-                seg[b, t:t + len(xs)] = s
-                t += len(xs)
-        out.append((x, y, seg))
-    return out
+    """A step's (ids, mask) sequences packed into micro-batches (grpo.pack): [(x, y, segments)],
+    each (B, T); y is x shifted by one within each sequence, -1 where there is no loss."""
+    pairs = [(ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]) for ids, mask in seqs]
+    return grpo.pack(pairs, micro_tokens, (pad_id, -1))
 
 
 # -----------------------------------------------------------------------------
@@ -467,19 +431,20 @@ def train_rl(cfg, rank, world, device, log):
         batches = grpo.thread_batches(episodes, advs, cfg.micro_tokens)
         if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
             batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
-                        torch.zeros(1))]
-        n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _ in batches))
+                        torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
+        n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _, _ in batches))
         stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
         for inner in range(cfg.inner_updates):
-            for j, (x, y, old, adv) in enumerate(batches):
-                x, y, old, adv = x.to(device), y.to(device), old.to(device), adv.to(device)
+            for j, batch in enumerate(batches):
+                x, y, old, adv, seg = (t.to(device) for t in batch)
                 sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
                 with sync, autocast:
                     ref_logits = None
                     if ref is not None:
                         with torch.no_grad():
-                            ref_logits = ref(x)
-                    loss, kl, s = grpo.policy_loss(fwd(x), y, old, adv, cfg.clip_eps, ref_logits)
+                            ref_logits = ref(x, segments=seg)
+                    loss, kl, s = grpo.policy_loss(fwd(x, segments=seg), y, old, adv, cfg.clip_eps,
+                                                   ref_logits)
                     ((loss + cfg.kl_coef * kl) / n_gen).backward()
                 if inner == cfg.inner_updates - 1:  # statistics of the last pass
                     stats["loss"] += loss.item() / n_gen

@@ -63,23 +63,33 @@ def test_policy_loss_by_hand():
 
 def test_thread_batches_mask_prompts_and_injected_tokens():
     """Every generated token of every thread gets the structure's advantage; prompts,
-    injected join results and padding get none; old log-probs line up with targets."""
+    injected join results and padding get none; old log-probs line up with targets.
+    Oracle: each thread's own record (prompt, out, injected, logprobs), found segment by
+    segment in the packed rows."""
     from test_executor import FORK_ALL, ROWS, scripted, tiny_model, tok
     cfg = A.RunConfig(mode="async", capacity=4)
     eps = A.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([FORK_ALL]))
     batches = grpo.thread_batches(eps, [0.7, 0.0], max_tokens=10_000)  # 2nd structure skipped
-    n_trained = sum(int((y != -1).sum()) for _, y, _, _ in batches)
+    n_trained = sum(int((y != -1).sum()) for _, y, _, _, _ in batches)
     ep = eps[0]
     assert n_trained == sum(th.generated for th in ep.threads)
-    assert all(torch.all(adv == 0.7) for *_, adv in batches)
-    for x, y, old, _ in batches:
+    unmatched = [th for th in ep.threads if th.generated]
+    for x, y, old, adv, seg in batches:
         for b in range(x.size(0)):
-            row = x[b].tolist()
-            th = next(t for t in ep.threads if row[:len(t.prompt + t.out) - 1] == (t.prompt + t.out)[:-1]
-                      and not any(row[len(t.prompt + t.out) - 1:]))
-            n_prompt = len(th.prompt)
-            for k, (inj, lp) in enumerate(zip(th.injected, th.logprobs)):
-                target = y[b, n_prompt + k - 1].item()
-                assert (target == -1) == inj
-                if not inj:
-                    assert target == th.out[k] and old[b, n_prompt + k - 1].item() == pytest.approx(lp)
+            for s in seg[b].unique().tolist():
+                where = seg[b] == s
+                if not y[b, where].ne(-1).any():
+                    assert adv[b, where].eq(0).all()  # padding
+                    continue
+                assert adv[b, where].eq(0.7).all()
+                row = x[b, where].tolist()
+                th = next(t for t in unmatched if row == (t.prompt + t.out)[:-1])
+                unmatched.remove(th)
+                ys, olds = y[b, where], old[b, where]
+                n_prompt = len(th.prompt)
+                for k, (inj, lp) in enumerate(zip(th.injected, th.logprobs)):
+                    target = ys[n_prompt + k - 1].item()
+                    assert (target == -1) == inj
+                    if not inj:
+                        assert target == th.out[k] and olds[n_prompt + k - 1].item() == pytest.approx(lp)
+    assert not unmatched  # every thread is in the batches, once
