@@ -154,9 +154,16 @@ def thread_batches(episodes, advs, max_tokens):
     return pack(seqs, max_tokens, (0, -1, 0.0, 0.0)) if seqs else []
 
 
-def policy_loss(logits, y, old, adv, clip_eps, ref_logits=None):
+def target_logprobs(logits, y):
+    """log p(y_t) at every position (B, T) from logits (B, T, V); -1 targets read token 0."""
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+
+
+def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None):
     """Clipped surrogate summed over generated tokens (divide by their count outside), and
-    statistics: summed KL (k3 estimator, to the reference), clipped count, entropy."""
+    statistics: summed KL (k3 estimator, to the reference model whose target_logprobs are
+    ref_logp: they do not change between inner updates, so they are computed once), clipped
+    count, entropy."""
     mask = y != -1
     logp_all = F.log_softmax(logits.float(), dim=-1)
     logp = logp_all.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
@@ -167,9 +174,8 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logits=None):
     stats = {"clipped": ((ratio - 1).abs() > clip_eps)[mask].sum().item(),
              "entropy": -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item()}
     kl = torch.zeros((), device=logits.device)
-    if ref_logits is not None:
-        ref = F.log_softmax(ref_logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        kl = ((torch.exp(ref - logp) - (ref - logp) - 1) * mask).sum()
+    if ref_logp is not None:
+        kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum()
     return loss, kl, stats
 
 

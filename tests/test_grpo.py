@@ -57,8 +57,13 @@ def test_policy_loss_by_hand():
     loss, _, _ = grpo.policy_loss(logits, y, old, torch.tensor([-0.5]), clip_eps=0.2)
     assert loss.item() == pytest.approx(-(-0.5 - 1.0))
     # KL to a reference equal to the policy is 0
-    _, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logits=logits.clone())
+    _, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logp=grpo.target_logprobs(logits, y))
     assert kl.item() == pytest.approx(0.0, abs=1e-7)
+    # a reference twice as likely on token 0 and half as likely on token 1 (k3 = r - log r - 1,
+    # r = p_ref / p): (2 - log 2 - 1) + (0.5 + log 2 - 1) = 0.5; the masked token adds nothing
+    ref_logp = torch.tensor([[logp + math.log(2), logp - math.log(2), 5.0]])
+    _, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logp=ref_logp)
+    assert kl.item() == pytest.approx(0.5)
 
 
 def test_thread_batches_mask_prompts_and_injected_tokens():
