@@ -297,3 +297,19 @@ def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
             "--max-organizer-tokens", "30", "--max-worker-tokens", "20")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "o.jsonl").read_text())["mode"] == "async"
+
+
+def test_decode_length_buckets_split_long_rows_from_short_ones():
+    """Worked by hand: one slot holding 199 tokens and three holding 19 read 4 x 200 = 800 keys
+    in one decode forward, 3 x 20 + 200 = 260 in two: split. Lengths 90..99 gain too little:
+    one forward. Every thread is decoded exactly once either way."""
+    from types import SimpleNamespace
+    ex = A.Executor(tiny_model(), tok, A.RunConfig(mode="async", capacity=4))
+    threads = [SimpleNamespace(slot=s) for s in range(4)]
+    ex.cache.lengths[:4] = torch.tensor([19, 199, 19, 19])
+    short, long = ex.length_buckets(threads)
+    assert [th.slot for th in long] == [1] and sorted(th.slot for th in short) == [0, 2, 3]
+    ex.cache.lengths[:4] = torch.tensor([90, 99, 95, 93])
+    (one,) = ex.length_buckets(threads)
+    assert sorted(th.slot for th in one) == [0, 1, 2, 3]
+    assert ex.length_buckets([]) == [] and ex.length_buckets(threads[:1]) == [threads[:1]]
