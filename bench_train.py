@@ -3,11 +3,13 @@ Training speed: `python bench_train.py [--steps N] [--preset small]`.
 
 1. SFT tokens/s of train.py's step (fresh traces generated every step, as train.py does) vs a
    bare nanoGPT-style loop (forward, backward, clip, AdamW step; batches made beforehand, no
-   logging) on the very same micro-batches, alternating step by step so both see the same noise.
-   Target: train.py >= 0.9x the bare loop.
+   logging) on the very same packed micro-batches, and vs the same bare loop on the same
+   sequences padded to the longest of their batch instead (how train.py batched before
+   packing), all three alternating step by step so they see the same noise. Tokens are the
+   trace tokens trained on or read (padding not counted). Target: train.py >= 0.9x the bare loop.
 2. Model FLOPs utilization: the model's FLOPs per token (6 N for the weights, plus 12 L d T for
-   attention at sequence length T, as in the PaLM appendix / nanoGPT) times tokens/s, against a
-   measured peak: the best GFLOP/s of a large float32 matmul on this machine.
+   attention over a sequence of T tokens, as in the PaLM appendix / nanoGPT) times tokens/s,
+   against a measured peak: the best GFLOP/s of a large float32 matmul on this machine.
 
 RL's split between rollout and update is logged per step by `train.py --stage rl`
 (rollout_s, update_s, rollout_tokens_per_s in metrics.jsonl).
@@ -37,15 +39,48 @@ def matmul_peak(n=1024, repeats=10):
     return 2 * n ** 3 / best / 1e9
 
 
-def flops(model, batches):
-    """Training FLOPs of one step's micro-batches (forward + backward = 3x forward)."""
+def flops(model, seqs):
+    """Training FLOPs of one step's sequences (forward + backward = 3x forward), padding not
+    counted: what any batching must compute at least."""
     cfg = model.config
     n_weights = sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n and "wte" not in n)
+    per_token = 6 * n_weights + 6 * cfg.n_embd * cfg.vocab_size
     total = 0
-    for x, _, _ in batches:
-        B, T = x.shape
-        total += B * T * (6 * n_weights + 12 * cfg.n_layer * cfg.n_embd * T + 6 * cfg.n_embd * cfg.vocab_size)
+    for ids, _ in seqs:
+        T = len(ids) - 1
+        total += T * (per_token + 12 * cfg.n_layer * cfg.n_embd * T)
     return total
+
+
+def padded_batches(seqs, micro_tokens, pad_id):
+    """The batching train.py used before packing: sequences sorted by length, each group padded
+    to its longest (rows x longest <= micro_tokens). [(x, y)]."""
+    groups, group = [], []
+    for s in sorted(seqs, key=lambda s: len(s[0])):
+        if group and (len(group) + 1) * len(s[0]) > micro_tokens:
+            groups.append(group)
+            group = []
+        group.append(s)
+    out = []
+    for group in groups + [group]:
+        T = max(len(ids) for ids, _ in group) - 1
+        x = torch.full((len(group), T), pad_id, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)
+        for b, (ids, mask) in enumerate(group):
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[b, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        out.append((x, y))
+    return out
+
+
+def bare_step(model, opt, batches):
+    """nanoGPT: forward, backward, clip, step (batches of (x, y) or (x, y, segments))."""
+    for x, y, *seg in batches:
+        _, loss = model(x, y, segments=seg[0] if seg else None)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def main(argv=None):
@@ -59,48 +94,48 @@ def main(argv=None):
     cfg = train.parse_args(["--preset", args.preset] + (["--sft-episodes", str(args.episodes)] if args.episodes else []))
     tok = P.Tokenizer.numbers()
     torch.manual_seed(0)
-    ours = GPT(GPTConfig.preset(cfg.model, tok.n_vocab))
-    bare = GPT(GPTConfig.preset(cfg.model, tok.n_vocab))
-    bare.load_state_dict(ours.state_dict())
-    opt_ours = train.make_optimizer(ours, cfg.lr, cfg.weight_decay)
-    opt_bare = train.make_optimizer(bare, cfg.lr, cfg.weight_decay)
-    rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for both
+    models = [GPT(GPTConfig.preset(cfg.model, tok.n_vocab)) for _ in range(3)]  # ours, bare, padded
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    ours, bare, padded = models
+    opts = [train.make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
+    rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for all three
     block = ours.config.block_size
-    make = lambda rng: train.micro_batches(train.sft_sequences(cfg, tok, rng, cfg.sft_episodes, block),
-                                           cfg.micro_tokens, tok.pad)
-    prepared = [make(rng_bare) for _ in range(args.steps)]  # the bare loop's data, made beforehand
-    t_ours, t_bare, n_tokens, n_flops, t_data = [], [], [], [], []
+    seqs = lambda rng: train.sft_sequences(cfg, tok, rng, cfg.sft_episodes, block)
+    prepared = [seqs(rng_bare) for _ in range(args.steps)]  # the bare loops' data, made beforehand
+    packed = [train.micro_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
+    padded_data = [padded_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
+    t_ours, t_bare, t_padded, n_tokens, n_flops, t_data = [], [], [], [], [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
-        batches = make(rng_ours)  # train.py makes its traces inside the step
+        batches = train.micro_batches(seqs(rng_ours), cfg.micro_tokens, tok.pad)  # inside the step
         t_data.append(time.perf_counter() - t0)
-        train.sft_step(ours, ours, opt_ours, batches, cfg, "cpu")
+        train.sft_step(ours, ours, opts[0], batches, cfg, "cpu")
         t_ours.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        for x, y, seg in prepared[step]:  # nanoGPT: forward, backward, clip, step
-            _, loss = bare(x, y, segments=seg)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(bare.parameters(), 1.0)
-        opt_bare.step()
-        opt_bare.zero_grad(set_to_none=True)
-        t_bare.append(time.perf_counter() - t0)
-        n_tokens.append(sum(x.numel() for x, _, _ in batches))
-        n_flops.append(flops(ours, batches))
+        for model, opt, data, times in [(bare, opts[1], packed, t_bare), (padded, opts[2], padded_data, t_padded)]:
+            t0 = time.perf_counter()
+            bare_step(model, opt, data[step])
+            times.append(time.perf_counter() - t0)
+        n_tokens.append(sum(len(ids) - 1 for ids, _ in prepared[step]))
+        n_flops.append(flops(ours, prepared[step]))
     keep = slice(1, None)  # the first step warms up allocators
     tok_s = lambda times: sum(n_tokens[keep]) / sum(times[keep])
     peak = matmul_peak()
     achieved = sum(n_flops[keep]) / sum(t_ours[keep]) / 1e9
+    padding = 1 - sum(n_tokens) / sum(x.numel() for batches in padded_data for x, _ in batches)
     print(f"SFT speed, preset {args.preset} ({ours.num_params() / 1e6:.2f}M parameters), "
           f"{cfg.sft_episodes} traces per step, {args.steps - 1} timed steps, torch threads {torch.get_num_threads()}")
-    print("| loop | padded tokens/s | ratio |")
-    print("|---|---|---|")
-    print(f"| bare nanoGPT-style loop | {tok_s(t_bare):.0f} | 1.00 |")
-    print(f"| train.py step (with trace generation) | {tok_s(t_ours):.0f} | {tok_s(t_ours) / tok_s(t_bare):.2f} |")
+    print("| loop | trace tokens/s | ratio to the bare loop | median step |")
+    print("|---|---|---|---|")
+    for name, times in [("bare nanoGPT-style loop, packed rows", t_bare),
+                        ("train.py step (with trace generation)", t_ours),
+                        (f"bare loop, padded batches ({100 * padding:.0f}% padding)", t_padded)]:
+        print(f"| {name} | {tok_s(times):.0f} | {tok_s(times) / tok_s(t_bare):.2f} | "
+              f"{1000 * statistics.median(times[keep]):.0f} ms |")
     share = sum(t_data[keep]) / sum(t_ours[keep])
-    print(f"trace generation: {100 * share:.0f}% of train.py's step time "
-          f"(median step {1000 * statistics.median(t_ours[keep]):.0f} ms vs bare {1000 * statistics.median(t_bare[keep]):.0f} ms)")
+    print(f"trace generation and packing: {100 * share:.0f}% of train.py's step time")
     print(f"model FLOPs utilization: {achieved:.1f} GFLOP/s of a measured {peak:.1f} GFLOP/s matmul peak "
-          f"= {100 * achieved / peak:.0f}% MFU")
+          f"= {100 * achieved / peak:.0f}% MFU (padding not counted)")
     return 0
 
 

@@ -19,3 +19,4 @@ def test_training_speed_benchmark_runs(capsys):
     assert bench_train.main(["--preset", "tiny", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert "bare nanoGPT-style loop" in out and "MFU" in out and "train.py step" in out
+    assert "padded batches" in out
