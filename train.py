@@ -58,10 +58,10 @@ class TrainConfig:
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
     number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
-    # SFT (defaults: <= 15 minutes on 2 CPU cores, ~0.54 s per packed step of 2 traces plus two
-    # evaluations; many small steps learn faster here than few large ones: 1500 x 2 traces beat
-    # 600 x 8 in the same time)
-    sft_steps: int = 1400
+    # SFT (defaults: <= 15 minutes on 2 CPU cores: 1400 steps took 15 min 17 s, ~0.62 s per packed
+    # step of 2 traces plus two evaluations; many small steps learn faster here than few large
+    # ones: 1500 x 2 traces beat 600 x 8 in the same time)
+    sft_steps: int = 1350
     sft_episodes: int = 2           # traces (each several threads) per step
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
@@ -70,8 +70,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     hint_share: float = 0.5
-    # RL (defaults: <= 20 minutes on 2 CPU cores)
-    rl_steps: int = 40
+    # RL (defaults: <= 20 minutes on 2 CPU cores: ~30 s per step, rollout 14-18 s, update 10-13 s)
+    rl_steps: int = 36
     questions: int = 4              # questions per RL step (G structures each: 16 episodes)
     group: int = 4                  # G rollouts per question
     inner_updates: int = 2
@@ -92,7 +92,7 @@ class TrainConfig:
     max_worker_tokens: int = 320
     # evaluation (greedy; parallel workers sample, or they would all write the same text)
     eval_parallel_temperature: float = 0.5
-    eval_every: int = 700
+    eval_every: int = 675
     eval_n: int = 32
     stop_at: int = 0                # stop (with a checkpoint) after this step: tests, split runs
     ckpt_every: int = 50
