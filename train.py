@@ -115,7 +115,7 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# Data: puzzles -> traces -> (ids, loss mask) sequences -> padded micro-batches
+# Data: puzzles -> traces -> (ids, loss mask) sequences -> packed micro-batches
 
 def task_of(cfg, rng):
     return rng.choice(["countdown", "sudoku"]) if cfg.task == "mix" else cfg.task
