@@ -131,6 +131,8 @@ class Episode:
 # The executor
 
 class Executor:
+    min_split_keys = 4096  # see length_buckets
+
     def __init__(self, model: GPT, tok: P.Tokenizer, cfg: RunConfig):
         cfg.check()
         self.model, self.tok, self.cfg = model, tok, cfg
@@ -220,7 +222,10 @@ class Executor:
         LONGEST row (L), so one 900-token organizer makes forty 100-token workers read 900
         keys each, a copy in every layer. Sorted by length, a split at i costs
         i * L_short + (B - i) * L_long key reads instead of B * L_long: with 10 organizers
-        at 900 and 30 workers at 100, 30 * 100 + 10 * 900 = 12,000 instead of 36,000."""
+        at 900 and 30 workers at 100, 30 * 100 + 10 * 900 = 12,000 instead of 36,000.
+        A second forward has a fixed cost of its own (on a CPU about what reading a few thousand
+        cached keys costs), so a split must also save min_split_keys reads: one episode of five
+        short threads stays in one forward."""
         if len(threads) < 2:
             return [threads] if threads else []
         held = self.cache.lengths[torch.tensor([th.slot for th in threads])].tolist()
@@ -229,7 +234,8 @@ class Executor:
         B = len(threads)
         cost = lambda i: i * L[i - 1] + (B - i) * L[-1]
         best = min(range(1, B), key=cost)
-        if cost(best) > 0.75 * B * L[-1]:
+        saved = B * L[-1] - cost(best)
+        if saved < max(0.25 * B * L[-1], self.min_split_keys):
             return [threads]
         return [threads[:best], threads[best:]]
 

@@ -301,12 +301,15 @@ def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
 
 def test_decode_length_buckets_split_long_rows_from_short_ones():
     """Worked by hand: one slot holding 199 tokens and three holding 19 read 4 x 200 = 800 keys
-    in one decode forward, 3 x 20 + 200 = 260 in two: split. Lengths 90..99 gain too little:
-    one forward. Every thread is decoded exactly once either way."""
+    in one decode forward, 3 x 20 + 200 = 260 in two: 540 saved, split when a second forward
+    costs less than that (min_split_keys), one forward with the default (4096). Lengths 90..99
+    gain too little: one forward. Every thread is decoded exactly once either way."""
     from types import SimpleNamespace
     ex = A.Executor(tiny_model(), tok, A.RunConfig(mode="async", capacity=4))
     threads = [SimpleNamespace(slot=s) for s in range(4)]
     ex.cache.lengths[:4] = torch.tensor([19, 199, 19, 19])
+    assert len(ex.length_buckets(threads)) == 1  # 540 < 4096: the second forward costs more
+    ex.min_split_keys = 500
     short, long = ex.length_buckets(threads)
     assert [th.slot for th in long] == [1] and sorted(th.slot for th in short) == [0, 2, 3]
     ex.cache.lengths[:4] = torch.tensor([90, 99, 95, 93])
