@@ -95,7 +95,8 @@ def pack(seqs, micro_tokens, pads):
     """Pack sequences into rows as long as the longest one, with no padding between them, and
     the rows into micro-batches of about micro_tokens tokens. A sequence is a tuple of
     equal-length per-token lists (input ids, targets, ...); pads gives each field's padding
-    value. Returns [(field tensors..., segments)], each (B, T): segments numbers the sequences
+    value, and its type the field's dtype (an int pad: a long tensor; a float pad: float32).
+    Returns [(field tensors..., segments)], each (B, T): segments numbers the sequences
     of a row, and model.forward keeps them apart (own positions, own attention), so a packed
     row computes exactly what each sequence alone would.
 
