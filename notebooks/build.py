@@ -414,7 +414,7 @@ EXECUTOR = [
     md("""
     Memory, by hand: 2 tensors (k and v) × `n_layer` × `n_slots` × `max_len` × `n_embd` × 4 bytes
     (float32) = 2 × 2 × 3 × 64 × 32 × 4 = **98,304 bytes**. The `small` preset with 64 slots of 1024
-    tokens needs 2 × 4 × 64 × 1024 × 192 × 4 bytes = 384 MiB: the cache, not the 2M-parameter
+    tokens needs 2 × 4 × 64 × 1024 × 128 × 4 bytes = 256 MiB: the cache, not the 1M-parameter
     model, fills the memory.
     """),
     code("""
