@@ -13,6 +13,7 @@ the right one. Tokens are grouped by what writing them takes:
     wrk lists / copies    below |2 3 4 5    copying numbers the worker was given
     org tally / answer    ok |12+9+4+5, ... copying expressions the organizer was handed
     spaces, structure     everything that follows from the format alone
+    copy drill            -> |12+9+4+5, ... a list copied from the prompt, nothing else to do
 
     python diagnose.py --ckpt runs/countdown-async/sft.pt          # 40 puzzles, ~20 s on a CPU
 
@@ -72,7 +73,7 @@ def kind_of(role, line, token):
 def diagnose(model, tok, preset="small", n=40, seed=777, capacity=4):
     """{kind: [tokens, correct]} over the threads of n fresh async traces (no structure hints)."""
     model.eval()
-    rng = random.Random(seed)
+    rng, drill_rng = random.Random(seed), random.Random(seed + 1)
     stats = defaultdict(lambda: [0, 0])
     for _ in range(n):
         row = tasks.make_countdown(tasks.COUNTDOWN_PRESETS[preset], rng, split="val")
@@ -91,7 +92,55 @@ def diagnose(model, tok, preset="small", n=40, seed=777, capacity=4):
                 s = stats[kind_of(role, line, tok.decode([ids[t]]))]
                 s[0] += 1
                 s[1] += pred[t - 1] == ids[t]
+        # the copy skill alone: a copy drill (traces.copy_drill) of this puzzle's numbers, drawn
+        # from its own generator so the traces stay those of earlier tables
+        ids, mask = traces.encode(traces.copy_drill(row["numbers"], drill_rng), tok)
+        logits = model(torch.tensor([ids[:-1]]))
+        pred = (logits[0] if isinstance(logits, tuple) else logits)[0].argmax(-1).tolist()
+        s = stats["copy drill (pure copying)"]
+        for t in range(1, len(ids)):
+            if mask[t] and not tok.decode([ids[t]]).isspace():
+                s[0] += 1
+                s[1] += pred[t - 1] == ids[t]
     return dict(stats)
+
+
+@torch.no_grad()
+def copy_attention(model, tok, preset="small", n=40, seed=777):
+    """(n_layer, n_head): how much of each head's attention, while the model writes a copy,
+    lands on the source of what it copies. In a copy drill "copy L\n-> L\n" the two L's are D
+    tokens apart: the copied token t first occurred at t - D, and the token to write next sits
+    at t - D + 1. A head that copies attends there, or one token either side (a neighbour can
+    carry the same token, moved by an earlier head); we add up those three keys. Near 1: the
+    head is a copy (induction) head. Near 0 everywhere: the model guesses copied numbers."""
+    model.eval()
+    rng = random.Random(seed)
+    total, count = 0, 0
+    for _ in range(n):
+        row = tasks.make_countdown(tasks.COUNTDOWN_PRESETS[preset], rng, split="val")
+        ids, mask = traces.encode(traces.copy_drill(row["numbers"], rng), tok)
+        source = len(tok.encode("copy "))               # where the list starts, and its copy
+        copy = mask.index(True) + len(tok.encode("-> "))
+        D = copy - source
+        queries = torch.arange(copy, len(ids) - 2)      # copied tokens, but the last
+        weights = []
+        hook = lambda mod, inp, out: weights.append(attention_weights(mod, *inp[:2]))
+        handles = [b.attn.register_forward_hook(hook) for b in model.transformer.h]
+        model(torch.tensor([ids]))
+        for h in handles:
+            h.remove()
+        w = torch.stack(weights)[:, 0]                  # (n_layer, n_head, T, T)
+        total = total + sum(w[:, :, queries, queries - D + o].sum(-1) for o in (0, 1, 2))
+        count += len(queries)
+    return total / count
+
+
+def attention_weights(attn, x, pos):
+    """The (B, nh, T, T) causal attention weights of one attention layer, recomputed."""
+    q, k, _ = (t.transpose(1, 2) for t in attn.qkv(x, pos))
+    T = q.size(2)
+    scores = (q @ k.transpose(-1, -2)) / q.size(-1) ** 0.5
+    return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
 
 
 def table(stats):
@@ -118,6 +167,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(table(diagnose(model, tok, args.preset, args.n, args.seed)))
+    scores = copy_attention(model, tok, args.preset, args.n, args.seed)
+    print("\ncopy attention per head: the share of its attention on the source of a copy "
+          "(copy drills; near 1 = a copy head)")
+    for layer, row in enumerate(scores.tolist()):
+        print(f"layer {layer}: " + "  ".join(f"{s:.2f}" for s in row))
 
 
 if __name__ == "__main__":

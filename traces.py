@@ -179,6 +179,16 @@ def fill(grid, fixed):
 # -----------------------------------------------------------------------------
 # A trace: the organizer's and each worker's text, marked trained or not
 
+def encode(pieces, tok: P.Tokenizer):
+    """(ids, trained_mask) of one thread's [(text, trained)] pieces."""
+    ids, mask = [], []
+    for text, trained in pieces:
+        t = tok.encode(text)
+        ids += t
+        mask += [trained] * len(t)
+    return ids, mask
+
+
 @dataclass
 class Trace:
     """Each thread is a list of (text, trained) pieces: prompts and the text the executor would
@@ -194,15 +204,7 @@ class Trace:
 
     def sequences(self, tok: P.Tokenizer):
         """[(ids, trained_mask)] per thread, ready for SFT (loss where the mask is True)."""
-        out = []
-        for pieces in self.threads():
-            ids, mask = [], []
-            for text, trained in pieces:
-                t = tok.encode(text)
-                ids += t
-                mask += [trained] * len(t)
-            out.append((ids, mask))
-        return out
+        return [encode(pieces, tok) for pieces in self.threads()]
 
     def parse(self, tok: P.Tokenizer, capacity=4):
         """The trajectory as the protocol sees it (prompts stripped), for checks and metrics."""
@@ -462,6 +464,34 @@ def make_trace(row, mode, rng: random.Random, capacity=4, **kw):
     if build is None:
         raise ValueError(f"unknown task {row.get('task')!r}")
     return build(row, mode, rng, capacity, **kw)
+
+
+# -----------------------------------------------------------------------------
+# Copy drills: exact copying, taught on its own
+
+def random_expression(numbers, rng: random.Random):
+    """A countdown-looking expression over 2-4 of the numbers, true or not: "12+8-(2+7)"."""
+    xs = [str(x) for x in rng.sample(numbers, rng.randint(2, min(4, len(numbers))))]
+    ops = [rng.choice("+-*/") for _ in xs[1:]]
+    if len(xs) >= 3 and rng.random() < 0.3:
+        return "".join(x + o for x, o in zip(xs[:-2], ops)) + f"({xs[-2]}{ops[-1]}{xs[-1]})"
+    return xs[0] + "".join(o + x for o, x in zip(ops, xs[1:]))
+
+
+def copy_drill(numbers, rng: random.Random, n_items=(2, 6)):
+    r"""A thread that only copies: a list of expressions in its prompt, the same list written
+    back. The organizer copies expressions all the time (tallies, the answer) and a worker copies
+    its finds into <RETURN>; each copy is exact only once the model has an induction head (attend
+    to the token after the earlier occurrence of what was just written, and copy it). The traces
+    alone did not grow one in a 15-minute run: the default model predicted copied numbers from
+    their values, not from the text (BENCHMARKS.md). A copy drill can only be solved by copying.
+
+    >>> copy_drill([2, 5, 9], random.Random(0))
+    [('copy 2/5*9, 9*2-5, 9+2+5, 5/2*9, 9/5\n', False), ('-> 2/5*9, 9*2-5, 9+2+5, 5/2*9, 9/5\n', True)]
+    """
+    items = [random_expression(numbers, rng) for _ in range(rng.randint(*n_items))]
+    text = P.ANSWER_SEPARATOR.join(items)
+    return [(f"copy {text}\n", False), (f"-> {text}\n", True)]
 
 
 # -----------------------------------------------------------------------------

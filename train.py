@@ -70,6 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     hint_share: float = 0.5
+    copy_drills: int = 0            # copy drills per countdown trace (traces.copy_drill)
     # RL (defaults: <= 20 minutes on 2 CPU cores: ~30 s per step, rollout 14-18 s, update 10-13 s)
     rl_steps: int = 36
     questions: int = 4              # questions per RL step (G structures each: 16 episodes)
@@ -134,6 +135,8 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
         row = new_puzzle(cfg, task_of(cfg, rng), rng)
         trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share)
         seqs += [(ids[:block_size + 1], mask[:block_size + 1]) for ids, mask in trace.sequences(tok)]
+        if row["task"] == "countdown":
+            seqs += [traces.encode(traces.copy_drill(row["numbers"], rng), tok) for _ in range(cfg.copy_drills)]
     return seqs
 
 

@@ -41,6 +41,43 @@ def test_every_trained_token_is_counted_once():
         row = tasks.make_countdown(tasks.COUNTDOWN_PRESETS["small"], rng, split="val")
         trace = traces.make_trace(row, "async", rng, 4, hint_share=0.0)
         trained += sum(sum(mask[1:model.config.block_size + 1]) for _, mask in trace.sequences(tok))
-    assert sum(n for n, _ in stats.values()) == trained
+    assert sum(n for kind, (n, _) in stats.items() if kind != "copy drill (pure copying)") == trained
     assert all(0 <= c <= n for n, c in stats.values())
     assert "| kind of token |" in diagnose.table(stats)
+
+
+def test_copy_drill_tokens_are_counted_apart():
+    tok = P.Tokenizer.numbers()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", tok.n_vocab))
+    stats = diagnose.diagnose(model, tok, n=3, seed=5)
+    rng, drill_rng = random.Random(5), random.Random(6)
+    copied = 0
+    for _ in range(3):
+        row = tasks.make_countdown(tasks.COUNTDOWN_PRESETS["small"], rng, split="val")
+        traces.make_trace(row, "async", rng, 4, hint_share=0.0)
+        ids, mask = traces.encode(traces.copy_drill(row["numbers"], drill_rng), tok)
+        copied += sum(m and not tok.decode([i]).isspace() for i, m in zip(ids, mask))
+    assert stats["copy drill (pure copying)"][0] == copied
+
+
+def test_attention_weights_reproduce_the_attention_output():
+    """Oracle: the recomputed weights times the values equal what the layer's SDPA computed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", 64, rope=True)).eval()
+    attn, x = model.transformer.h[0].attn, torch.randn(1, 9, model.config.n_embd)
+    pos = torch.arange(9)
+    w = diagnose.attention_weights(attn, x, pos)  # (1, nh, T, T)
+    _, _, v = (t.transpose(1, 2) for t in attn.qkv(x, pos))
+    y = (w @ v).transpose(1, 2).reshape(1, 9, -1)
+    assert torch.allclose(attn.c_proj(y), attn(x, pos), atol=1e-5)
+    assert torch.allclose(w.sum(-1), torch.ones(1, w.size(1), 9)) and (w.triu(1) == 0).all()
+
+
+def test_copy_attention_is_a_share_per_head():
+    tok = P.Tokenizer.numbers()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", tok.n_vocab))
+    scores = diagnose.copy_attention(model, tok, n=3)
+    assert scores.shape == (model.config.n_layer, model.config.n_head)
+    assert ((scores >= 0) & (scores <= 1)).all()

@@ -156,3 +156,20 @@ def test_worker_lists_and_running_tally():
             answer = org.split("<ANSWER>")[1].split("</ANSWER>")[0]
             assert tallies and tallies[-1] == answer, (mode, tallies, answer)
             assert answer.split(", ") == trace.answers
+
+
+def test_copy_drills_train_only_the_copy_and_the_copy_is_exact():
+    rng = random.Random(5)
+    numbers = [1, 4, 5, 7, 8, 12]
+    for _ in range(50):
+        pieces = traces.copy_drill(numbers, rng)
+        (prompt, p_trained), (copy, c_trained) = pieces
+        assert (p_trained, c_trained) == (False, True)
+        listed = prompt.removeprefix("copy ").rstrip("\n")
+        assert copy == f"-> {listed}\n"
+        for expr in listed.split(P.ANSWER_SEPARATOR):  # numbers of the puzzle, each used once
+            used = [int(x) for x in re.findall(r"\d+", expr)]
+            assert 2 <= len(used) <= 4 and len(set(used)) == len(used) and set(used) <= set(numbers)
+        ids, mask = traces.encode(pieces, tok)
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == copy
+        assert tok.decode([i for i, m in zip(ids, mask) if not m]) == prompt

@@ -1,6 +1,8 @@
 """train.py end to end on the tiny preset: smoke runs of both stages, exact resume, refusal of
 foreign checkpoints, atomic saves, and DDP with two CPU processes."""
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 import model as M
+import protocol as P
 import train
 
 TINY = ["--preset", "tiny", "--eval-every", "0"]
@@ -175,3 +178,17 @@ def test_evaluations_do_not_change_what_sft_trains(tmp_path):
                            "--eval-every", str(every), "--run-dir", str(tmp_path / str(every))]) == 0
     a, b = weights(tmp_path / "2" / "sft.pt"), weights(tmp_path / "4" / "sft.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_copy_drills_join_each_countdown_trace():
+    """--copy-drills N adds N drill threads per countdown trace: their prompt says "copy" and
+    is untrained, their trained text is that list again."""
+    tok = P.Tokenizer.numbers()
+    cfg = train.parse_args(["--preset", "tiny", "--copy-drills", "3"])
+    seqs = train.sft_sequences(cfg, tok, random.Random(0), 2, 1024)
+    is_drill = "".join("d" if tok.decode(ids).startswith("copy ") else "t" for ids, _ in seqs)
+    assert re.fullmatch(r"t+dddt+ddd", is_drill), is_drill  # organizer and workers, then 3 drills
+    drills = [(ids, mask) for (ids, mask), kind in zip(seqs, is_drill) if kind == "d"]
+    for ids, mask in drills:
+        prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "-> " + prompt.removeprefix("copy ")
