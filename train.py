@@ -58,10 +58,10 @@ class TrainConfig:
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
     number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
-    # SFT (defaults: <= 15 minutes on 2 CPU cores: ~0.39 s per packed step of 2 traces, and one
-    # evaluation at the end; many small steps learn faster here than few large ones: 1500 x 2
-    # traces beat 600 x 8 in the same time)
-    sft_steps: int = 2100
+    # SFT (defaults: <= 15 minutes on 2 CPU cores: ~0.42 s per packed step of 2 traces, and one
+    # evaluation at the end (2100 steps took 15 min 19 s); many small steps learn faster here
+    # than few large ones: 1500 x 2 traces beat 600 x 8 in the same time)
+    sft_steps: int = 2000
     sft_episodes: int = 2           # traces (each several threads) per step
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
@@ -93,7 +93,7 @@ class TrainConfig:
     max_worker_tokens: int = 320
     # evaluation (greedy; parallel workers sample, or they would all write the same text)
     eval_parallel_temperature: float = 0.5
-    eval_every: int = 2100          # SFT steps between evaluations (and at the last step); the
+    eval_every: int = 2000          # SFT steps between evaluations (and at the last step); the
                                     # default evaluates at the end only: half way the model was
                                     # 0% valid, and each evaluation costs ~35 s of the 15 minutes
     eval_n: int = 32
