@@ -71,7 +71,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     hint_share: float = 0.5
     copy_drills: int = 0            # copy drills per countdown trace (traces.copy_drill)
-    # RL (defaults: <= 20 minutes on 2 CPU cores: ~30 s per step, rollout 14-18 s, update 10-13 s)
+    # RL (defaults: <= 20 minutes on 2 CPU cores: ~22 s per step, rollout 10-15 s, update ~7 s;
+    # 36 steps took 13 min)
     rl_steps: int = 36
     questions: int = 4              # questions per RL step (G structures each: 16 episodes)
     group: int = 4                  # G rollouts per question
