@@ -173,3 +173,20 @@ def test_copy_drills_train_only_the_copy_and_the_copy_is_exact():
         ids, mask = traces.encode(pieces, tok)
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == copy
         assert tok.decode([i for i, m in zip(ids, mask) if not m]) == prompt
+
+
+def test_tally_drills_join_two_lists_and_train_only_the_copy():
+    rng = random.Random(6)
+    numbers = [2, 3, 6, 9, 11, 25]
+    lengths = set()
+    for _ in range(50):
+        pieces = traces.tally_drill(numbers, rng)
+        (prompt, p_trained), (copy, c_trained) = pieces
+        assert (p_trained, c_trained) == (False, True)
+        m = re.fullmatch(r"copy (.+)\nand (.+)\n", prompt)
+        first, second = m.group(1).split(", "), m.group(2).split(", ")
+        assert copy == "-> " + ", ".join(first + second) + "\n"
+        lengths.add((len(first), len(second)))
+        ids, mask = traces.encode(pieces, tok)
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == copy
+    assert {n for pair in lengths for n in pair} == {1, 2, 3, 4}  # both lists vary, 1-4 items

@@ -182,13 +182,13 @@ def test_evaluations_do_not_change_what_sft_trains(tmp_path):
 
 def test_copy_drills_join_each_countdown_trace():
     """--copy-drills N adds N drill threads per countdown trace: their prompt says "copy" and
-    is untrained, their trained text is that list again."""
+    is untrained, their trained text is the prompt's two lists joined."""
     tok = P.Tokenizer.numbers()
     cfg = train.parse_args(["--preset", "tiny", "--copy-drills", "3"])
     seqs = train.sft_sequences(cfg, tok, random.Random(0), 2, 1024)
     is_drill = "".join("d" if tok.decode(ids).startswith("copy ") else "t" for ids, _ in seqs)
     assert re.fullmatch(r"t+dddt+ddd", is_drill), is_drill  # organizer and workers, then 3 drills
     drills = [(ids, mask) for (ids, mask), kind in zip(seqs, is_drill) if kind == "d"]
-    for ids, mask in drills:
-        prompt = tok.decode([i for i, m in zip(ids, mask) if not m])
-        assert tok.decode([i for i, m in zip(ids, mask) if m]) == "-> " + prompt.removeprefix("copy ")
+    for ids, mask in drills:  # tally drills: "copy A\nand B\n" is untrained, "-> A, B\n" trained
+        a, b = tok.decode([i for i, m in zip(ids, mask) if not m]).removeprefix("copy ").rstrip("\n").split("\nand ")
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == f"-> {a}, {b}\n"
