@@ -80,9 +80,7 @@ def diagnose(model, tok, preset="small", n=40, seed=777, capacity=4):
         trace = traces.make_trace(row, "async", rng, capacity, hint_share=0.0)
         for t_idx, (ids, mask) in enumerate(trace.sequences(tok)):
             ids, mask = ids[:model.config.block_size + 1], mask[:model.config.block_size + 1]
-            logits = model(torch.tensor([ids[:-1]]))
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            pred = logits[0].argmax(-1).tolist()
+            pred = model(torch.tensor([ids[:-1]]))[0].argmax(-1).tolist()
             role = "organizer" if t_idx == 0 else "worker"
             start = mask.index(True) if role == "worker" else 0  # a worker's lines start after its prompt
             for t in range(1, len(ids)):
@@ -95,8 +93,7 @@ def diagnose(model, tok, preset="small", n=40, seed=777, capacity=4):
         # the copy skill alone: a copy drill (traces.copy_drill) of this puzzle's numbers, drawn
         # from its own generator so the traces stay those of earlier tables
         ids, mask = traces.encode(traces.copy_drill(row["numbers"], drill_rng), tok)
-        logits = model(torch.tensor([ids[:-1]]))
-        pred = (logits[0] if isinstance(logits, tuple) else logits)[0].argmax(-1).tolist()
+        pred = model(torch.tensor([ids[:-1]]))[0].argmax(-1).tolist()
         s = stats["copy drill (pure copying)"]
         for t in range(1, len(ids)):
             if mask[t] and not tok.decode([ids[t]]).isspace():

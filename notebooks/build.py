@@ -836,10 +836,11 @@ TRAINING = [
     """),
     md("""
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
-    line of arithmetic) and then slowly. A model of this size never gets the *numbers* right: the
-    default `small` preset (2M parameters, `python train.py --stage sft`, about 15 minutes on 2 CPU
-    cores) reached ≈ 0.6 nats at the time of writing and wrote valid trajectories in a minority of
-    episodes, still without correct answers (`BENCHMARKS.md` keeps the current figures).
+    line of arithmetic) and then slowly. A model of this size rarely gets *all* the numbers right:
+    the default `small` preset (1M parameters, `python train.py --stage sft`, about 15 minutes on
+    2 CPU cores) writes valid trajectories in most episodes and finds at least one correct
+    expression in about a quarter of them, but the exact copying and arithmetic of a whole episode
+    are still beyond it (`BENCHMARKS.md` keeps the current figures, `diagnose.py` the reasons).
 
     ## The GRPO reward, by hand
 
