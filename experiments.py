@@ -32,15 +32,17 @@ import protocol as P
 import tasks
 import train
 
-# Steps per stage. "small" is sized so the whole CPU run fits in ~2 hours on 2 cores; its
-# countdown SFT is train.py's default, so the "no RL" row is the model `--stage sft` trains.
+# Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "small" is
+# sized so the whole CPU run fits in ~2 hours on 2 cores (88.8 min measured); it trains with 4
+# drills per trace, the setting RESULTS.md was measured with, which train.py's 15-minute default
+# later turned off again (fewer steps with drills gave more format errors; BENCHMARKS.md).
 BUDGETS = {
     "small": dict(preset="small", sft_steps=1550, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
-                  n_test=48, token_budgets=(450, 900), sweep_forks=8),
+                  copy_drills=4, n_test=48, token_budgets=(450, 900), sweep_forks=8),
     "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
-                  n_test=8, token_budgets=(24, 48), sweep_forks=3),
+                  copy_drills=0, n_test=8, token_budgets=(24, 48), sweep_forks=3),
     "gpu": dict(preset="gpu", sft_steps=3000, rl_steps=200, sudoku_sft_steps=1500, sudoku_rl_steps=100,
-                n_test=400, token_budgets=(900, 1800), sweep_forks=12),
+                copy_drills=0, n_test=400, token_budgets=(900, 1800), sweep_forks=12),
 }
 CAPACITIES = (2, 3, 4, 6, 8)
 
@@ -80,6 +82,7 @@ def train_job(out, name, stage, task, mode, steps, extra=(), device="cpu"):
     steps_flag = "--sft-steps" if stage == "sft" else "--rl-steps"
     argv = ["--stage", stage, "--preset", BUDGET["preset"], "--task", task, "--mode", mode,
             "--run-dir", run_dir, steps_flag, str(steps), "--eval-every", "0", "--device", device,
+            "--copy-drills", str(BUDGET["copy_drills"]),
             *extra, *(["--resume"] if done else [])]
     return name, stage, argv
 

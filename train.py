@@ -58,10 +58,10 @@ class TrainConfig:
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
     number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
-    # SFT (defaults: <= 15 minutes on 2 CPU cores: ~0.55 s per packed step of 2 traces and their
-    # tally drills (0.44 s without), and one evaluation at the end; many small steps learn faster
-    # here than few large ones: 1500 x 2 traces beat 600 x 8 in the same time)
-    sft_steps: int = 1550
+    # SFT (defaults: <= 15 minutes on 2 CPU cores: ~0.44 s per packed step of 2 traces, and one
+    # evaluation at the end (2100 steps took 15 min 19 s); many small steps learn faster here
+    # than few large ones: 1500 x 2 traces beat 600 x 8 in the same time)
+    sft_steps: int = 2000
     sft_episodes: int = 2           # traces (each several threads) per step
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
@@ -70,8 +70,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     hint_share: float = 0.5
-    copy_drills: int = 4            # tally drills per countdown trace (traces.tally_drill): they
-                                    # grow the copy head the tallies need (BENCHMARKS.md)
+    copy_drills: int = 0            # tally drills per countdown trace (traces.tally_drill): they
+                                    # grow a copy head, but cost steps; off at 15 min (BENCHMARKS.md)
     # RL (defaults: <= 20 minutes on 2 CPU cores: ~22 s per step, rollout 10-15 s, update ~7 s;
     # 36 steps took 13 min)
     rl_steps: int = 36
