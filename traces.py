@@ -495,8 +495,8 @@ def copy_drill(numbers, rng: random.Random, n_items=(2, 6)):
 
 
 def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
-    r"""The copy drill SFT trains on: two lists on two lines, written back as one, the way an
-    organizer's tally joins what it had with what a worker returned. Each copied item sits a
+    r"""The copy drill `--copy-drills N` trains on: two lists on two lines, written back as one,
+    the way an organizer's tally joins what it had with what a worker returned. Each copied item sits a
     different distance above its copy, so only a head that looks up "the token after the one I
     just wrote" solves it (copy_drill's copy is always straight below its source, which a head
     can learn as a fixed offset: that copy head did not help the organizer, BENCHMARKS.md).
@@ -504,8 +504,9 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
     >>> tally_drill([2, 5, 9], random.Random(0))
     [('copy 2/5*9, 9*2-5, 9+2+5, 5/2*9\nand 5+9+2, 9*2-5\n', False), ('-> 2/5*9, 9*2-5, 9+2+5, 5/2*9, 5+9+2, 9*2-5\n', True)]
     """
-    a, b = (P.ANSWER_SEPARATOR.join(random_expression(numbers, rng) for _ in range(rng.randint(*n_items)))
-            for _ in "ab")
+    def some_expressions():
+        return P.ANSWER_SEPARATOR.join(random_expression(numbers, rng) for _ in range(rng.randint(*n_items)))
+    a, b = some_expressions(), some_expressions()
     return [(f"copy {a}\nand {b}\n", False), (f"-> {a}{P.ANSWER_SEPARATOR}{b}\n", True)]
 
 
