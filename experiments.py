@@ -33,12 +33,11 @@ import tasks
 import train
 
 # Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "small" is
-# sized so the whole CPU run fits in ~2 hours on 2 cores (88.8 min measured); it trains with 4
-# drills per trace, the setting RESULTS.md was measured with, which train.py's 15-minute default
-# later turned off again (fewer steps with drills gave more format errors; BENCHMARKS.md).
+# train.py's CPU default recipe (2000 SFT steps, no drills) for every mode, with 8 RL steps, sized
+# so the whole CPU run fits in ~2 hours on 2 cores (BENCHMARKS.md has the measured wall time).
 BUDGETS = {
-    "small": dict(preset="small", sft_steps=1550, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
-                  copy_drills=4, n_test=48, token_budgets=(450, 900), sweep_forks=8),
+    "small": dict(preset="small", sft_steps=2000, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
+                  copy_drills=0, n_test=48, token_budgets=(450, 900), sweep_forks=8),
     "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
                   copy_drills=0, n_test=8, token_budgets=(24, 48), sweep_forks=3),
     "gpu": dict(preset="gpu", sft_steps=3000, rl_steps=200, sudoku_sft_steps=1500, sudoku_rl_steps=100,
