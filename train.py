@@ -530,9 +530,14 @@ def parse_args(argv=None):
         # a parallel worker thinks through the whole question, as long as a sequential thinker
         cfg.max_worker_tokens = cfg.max_organizer_tokens
     for name in ("sft_steps", "sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
-                 "inner_updates", "eval_n"):
+                 "inner_updates", "eval_n", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam"):
+        if getattr(cfg, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.hint_share <= 1:
+        ap.error(f"--hint-share must lie in [0, 1], got {cfg.hint_share}")
     if cfg.number_init not in ("fourier", "random"):
         ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":

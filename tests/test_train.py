@@ -87,6 +87,17 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     assert r.returncode == 2 and "must be positive" in r.stderr
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--copy-drills", "-1", "--copy-drills must be >= 0"),
+    ("--ckpt-every", "0", "--ckpt-every must be positive"),
+    ("--hint-share", "1.5", "--hint-share must lie in [0, 1]"),
+])
+def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([flag, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_a_save_killed_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     model = M.GPT(M.GPTConfig.preset("tiny", 300))
     path = tmp_path / "ckpt.pt"
