@@ -17,11 +17,24 @@ the right one. Tokens are grouped by what writing them takes:
 
     python diagnose.py --ckpt runs/countdown-async/sft.pt          # 40 puzzles, ~20 s on a CPU
 
-BENCHMARKS.md shows the table for the default SFT run, and what the trace design changed
-because of it.
+Whole episodes, sampled by the model itself, fail where teacher forcing never looks: a wrong
+number early sends the rest of the thread off its path. `--episodes` reads what `asyncthink.py
+solve` wrote and follows each answer from the worker that found it to the organizer's <ANSWER>:
+
+    python diagnose.py --episodes runs/answers.jsonl   # no model needed, instant
+
+    episodes with a valid format        87 of 100
+    expressions the workers returned    439, of them correct 102 (23%)
+    episodes whose workers found k      3   (distinct correct returns >= k: all-correct is possible)
+    answers the organizer wrote         344, exact copies of a returned one 26 (8%), correct 15
+    episodes all correct                0
+
+(the default rl.pt on the README's 100 test puzzles: its workers rarely find k answers, and its
+organizer rarely copies the ones they found).
 """
 
 import argparse
+import json
 import random
 import re
 import sys
@@ -30,6 +43,7 @@ from collections import defaultdict
 import torch
 
 import asyncthink as A
+import protocol as P
 import tasks
 import traces
 
@@ -140,6 +154,50 @@ def attention_weights(attn, x, pos):
     return scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
 
 
+RETURNED = re.compile(r"<RETURN>(.*?)</RETURN>", re.S)
+
+
+def episode_funnel(records):
+    """Follow the answers of solved countdown episodes (asyncthink.py solve's JSONL records) from
+    the workers to the <ANSWER>: {what: count}, summed over the episodes.
+    Workers' expressions are what they put in <RETURN>; a sequential thinker has no workers,
+    so its own "-> expression" lines stand in for them."""
+    f = defaultdict(int)
+    for r in records:
+        f["episodes"] += 1
+        if r["format_errors"]:
+            continue
+        f["valid format"] += 1
+        if r["trace"]["workers"]:
+            found = [e for text in r["trace"]["workers"].values() for m in RETURNED.findall(text)
+                     for e in P.parse_answer(m, "countdown") or []]
+        else:
+            found = re.findall(r"^-> (.+)$", r["trace"]["organizer"], re.M)
+        correct = [e for e in found if tasks.check_countdown(e, r["numbers"], r["target"]) is None]
+        f["returned"] += len(found)
+        f["returned correct"] += len(correct)
+        f["workers found k"] += len({tasks.canonical(e) for e in correct}) >= r["k"]
+        f["answers"] += len(r["answers"])
+        f["answers copied exactly"] += sum(a in found for a in r["answers"])
+        f["answers correct"] += r["n_correct"]
+        f["all correct"] += bool(r["correct"])
+    return dict(f)
+
+
+def funnel_table(f):
+    share = lambda a, b: f"{100 * f.get(a, 0) / max(1, f.get(b, 0)):.0f}%"
+    return "\n".join([
+        f"episodes with a valid format        {f.get('valid format', 0)} of {f.get('episodes', 0)}",
+        f"expressions the workers returned    {f.get('returned', 0)}, of them correct "
+        f"{f.get('returned correct', 0)} ({share('returned correct', 'returned')})",
+        f"episodes whose workers found k      {f.get('workers found k', 0)}   "
+        "(distinct correct returns >= k: all-correct is possible)",
+        f"answers the organizer wrote         {f.get('answers', 0)}, exact copies of a returned one "
+        f"{f.get('answers copied exactly', 0)} ({share('answers copied exactly', 'answers')}), "
+        f"correct {f.get('answers correct', 0)}",
+        f"episodes all correct                {f.get('all correct', 0)}"])
+
+
 def table(stats):
     """A markdown table, the kinds with the most errors first."""
     errors = sum(n - c for n, c in stats.values()) or 1
@@ -151,13 +209,26 @@ def table(stats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Teacher-forced accuracy of a countdown model, by kind of token.")
-    ap.add_argument("--ckpt", required=True, help="a checkpoint written by train.py")
+    ap.add_argument("--ckpt", help="a checkpoint written by train.py")
+    ap.add_argument("--episodes", help="instead: the JSONL asyncthink.py solve wrote (countdown)")
     ap.add_argument("--preset", choices=sorted(tasks.COUNTDOWN_PRESETS), default="small")
     ap.add_argument("--n", type=int, default=40, help="validation puzzles")
     ap.add_argument("--seed", type=int, default=777)
     args = ap.parse_args(argv)
     if args.n <= 0:
         ap.error("--n must be positive")
+    if args.episodes:
+        try:
+            with open(args.episodes) as fh:
+                records = [json.loads(line) for line in fh if line.strip()]
+            print(funnel_table(episode_funnel(r for r in records if r.get("task") == "countdown")))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: {args.episodes} is not a file asyncthink.py solve wrote ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            sys.exit(2)
+        return
+    if not args.ckpt:
+        ap.error("give --ckpt (a checkpoint) or --episodes (a solve output)")
     try:
         model, tok = A.load_model(args.ckpt)
     except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -33,10 +33,11 @@ import tasks
 import train
 
 # Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "small" is
-# train.py's CPU default recipe (2000 SFT steps, no drills) for every mode, with 8 RL steps, sized
-# so the whole CPU run fits in ~2 hours on 2 cores (BENCHMARKS.md has the measured wall time).
+# train.py's CPU recipe (no drills) with 1550 SFT steps instead of its 2000 and 8 RL steps, so the
+# whole CPU run fits in ~2 hours on 2 cores: the parallel model's SFT is the long pole (its traces
+# carry ~2.7x the tokens per step; 2000 steps would take ~90 of the 120 minutes on one core).
 BUDGETS = {
-    "small": dict(preset="small", sft_steps=2000, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
+    "small": dict(preset="small", sft_steps=1550, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
                   copy_drills=0, n_test=48, token_budgets=(450, 900), sweep_forks=8),
     "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
                   copy_drills=0, n_test=8, token_budgets=(24, 48), sweep_forks=3),

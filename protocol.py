@@ -438,6 +438,8 @@ ANSWER_SEPARATOR = ", "
 def answer_text(parts):
     """The organizer's final answer: answer_text(['5+3+2', '7+3']) -> '<ANSWER>5+3+2, 7+3</ANSWER>'."""
     return f"{ANSWER}{ANSWER_SEPARATOR.join(parts) or 'none'}{ANSWER_END}"
+
+
 _EXPRESSION = re.compile(r"^[0-9+\-*/() ]+$")
 
 

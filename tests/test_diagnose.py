@@ -1,6 +1,8 @@
-"""diagnose.py: each kind of token is recognised, and every trained token is counted once."""
+"""diagnose.py: each kind of token is recognised, every trained token is counted once, and the
+episode funnel counts what hand-built solve records hold."""
 import random
 
+import pytest
 import torch
 
 import diagnose
@@ -81,3 +83,33 @@ def test_copy_attention_is_a_share_per_head():
     scores = diagnose.copy_attention(model, tok, n=3)
     assert scores.shape == (model.config.n_layer, model.config.n_head)
     assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_episode_funnel_counts_by_hand():
+    worker = "12+9=21 30-21=9: 9-4=5 ok\n-> 12+9+4+5\n<RETURN>12+9+4+5, 12*2+3</RETURN>"
+    records = [
+        # async: two returns (12+9+4+5 = 30 right, 12*2+3 = 27 wrong), one answer copied, one not
+        dict(task="countdown", numbers=[2, 3, 4, 5, 9, 12], target=30, k=2, format_errors=[],
+             trace={"organizer": "...", "workers": {"1": worker, "2": "<RETURN>none</RETURN>"}},
+             answers=["12+9+4+5", "12+9+5+3"], n_correct=1, correct=False),
+        # a format error counts as an episode only
+        dict(task="countdown", numbers=[1, 2], target=3, k=1, format_errors=["unclosed fork: 1"],
+             trace={"organizer": "<FORK-1>", "workers": {}}, answers=[], n_correct=0, correct=False),
+        # sequential: the organizer's own "-> " lines are its returns; 2+1 right, 2*1 wrong
+        dict(task="countdown", numbers=[1, 2], target=3, k=1, format_errors=[],
+             trace={"organizer": "2+1=3 ok\n-> 2+1\n2*1=2 no\n-> 2*1\n", "workers": {}},
+             answers=["2+1"], n_correct=1, correct=True),
+    ]
+    assert diagnose.episode_funnel(records) == {
+        "episodes": 3, "valid format": 2, "returned": 4, "returned correct": 2,
+        "workers found k": 1, "answers": 3, "answers copied exactly": 2, "answers correct": 2,
+        "all correct": 1}
+    assert "of them correct 2 (50%)" in diagnose.funnel_table(diagnose.episode_funnel(records))
+
+
+def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task": "countdown"}\n')
+    with pytest.raises(SystemExit) as e:
+        diagnose.main(["--episodes", str(bad)])
+    assert e.value.code == 2 and "not a file asyncthink.py solve wrote" in capsys.readouterr().err
