@@ -95,15 +95,16 @@ def test_episode_funnel_counts_by_hand():
         # a format error counts as an episode only
         dict(task="countdown", numbers=[1, 2], target=3, k=1, format_errors=["unclosed fork: 1"],
              trace={"organizer": "<FORK-1>", "workers": {}}, answers=[], n_correct=0, correct=False),
-        # sequential: the organizer's own "-> " lines are its returns; 2+1 right, 2*1 wrong
+        # sequential: the organizer's own "-> " lines are its returns; 2+1 right, 2*1 wrong, and
+        # its equation 2*1=3 is off by one
         dict(task="countdown", numbers=[1, 2], target=3, k=1, format_errors=[],
-             trace={"organizer": "2+1=3 ok\n-> 2+1\n2*1=2 no\n-> 2*1\n", "workers": {}},
+             trace={"organizer": "2+1=3 ok\n-> 2+1\n2*1=3 ok\n-> 2*1\n", "workers": {}},
              answers=["2+1"], n_correct=1, correct=True),
     ]
     assert diagnose.episode_funnel(records) == {
         "episodes": 3, "valid format": 2, "returned": 4, "returned correct": 2,
         "workers found k": 1, "answers": 3, "answers copied exactly": 2, "answers correct": 2,
-        "all correct": 1}
+        "all correct": 1, "equations": 5, "equations wrong": 1, "equations off by 1": 1}
     assert "of them correct 2 (50%)" in diagnose.funnel_table(diagnose.episode_funnel(records))
 
 
