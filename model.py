@@ -6,7 +6,8 @@ Read top to bottom:
   1. GPTConfig and the named presets (tiny / small / gpu).
   2. The model: attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
      position embeddings, input and output embeddings tied, GELU (tanh form,
-     exactly as GPT-2, so a Hugging Face checkpoint gives identical logits).
+     exactly as GPT-2, so a Hugging Face checkpoint gives identical logits);
+     rotary positions and untied embeddings are config switches.
   3. KVCache: one preallocated tensor of keys and one of values, split into
      "slots". Each slot holds one token sequence, and each slot is at its own
      position. GPT.forward_cached appends tokens to some slots and returns logits.
@@ -37,6 +38,7 @@ class GPTConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers, as in GPT-2
     layer_norm_eps: float = 1e-5  # GPT-2's value
     rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
+    tie_embeddings: bool = True  # lm_head reuses the token embedding matrix, as GPT-2 does
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -200,8 +202,11 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied embeddings: reading a token in and predicting it out share one matrix.
-        self.transformer.wte.weight = self.lm_head.weight
+        # Tied embeddings: reading a token in and predicting it out share one matrix. Untied, the
+        # output can tell 5 from 6 even where the input embedding makes them alike (numbers
+        # embedded by value, init_number_embeddings).
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write
         # into the residual stream scaled by 1/sqrt(2 * n_layer), because each layer
         # adds two of them and the residual's variance would otherwise grow with depth.

@@ -229,3 +229,19 @@ def test_packed_rows_compute_each_sequence_as_if_alone(model):
     packed = model(row, segments=segments)[0]
     alone = torch.cat([model(s[None])[0] for s in seqs])
     torch.testing.assert_close(packed, alone, **TOL)
+
+
+def test_untied_embeddings_are_two_matrices_and_survive_a_checkpoint(tmp_path):
+    from model import load_checkpoint, save_checkpoint
+    torch.manual_seed(0)
+    tied = GPT(GPTConfig.preset("tiny", vocab_size=V))
+    untied = GPT(GPTConfig.preset("tiny", vocab_size=V, tie_embeddings=False))
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() - tied.num_params() == V * tied.config.n_embd  # one more V x C
+    with torch.no_grad():
+        untied.lm_head.weight.zero_()  # the output alone changes: the input embedding stays
+    save_checkpoint(str(tmp_path / "u.pt"), untied)
+    loaded, _ = load_checkpoint(str(tmp_path / "u.pt"))
+    assert not loaded.config.tie_embeddings and loaded.lm_head.weight.abs().sum() == 0
+    torch.testing.assert_close(loaded.transformer.wte.weight, untied.transformer.wte.weight)
