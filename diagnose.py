@@ -176,13 +176,6 @@ def episode_funnel(records):
         else:
             found = re.findall(r"^-> (.+)$", r["trace"]["organizer"], re.M)
         correct = [e for e in found if tasks.check_countdown(e, r["numbers"], r["target"]) is None]
-        thinking = r["trace"]["workers"].values() or [r["trace"]["organizer"]]
-        for a, op, b, v in (m for text in thinking for m in EQUATION.findall(text)):
-            a, b, v = int(a), int(b), int(v)
-            true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
-            f["equations"] += 1
-            f["equations wrong"] += v != true
-            f["equations off by 1"] += true is not None and abs(v - true) == 1
         f["returned"] += len(found)
         f["returned correct"] += len(correct)
         f["workers found k"] += len({tasks.canonical(e) for e in correct}) >= r["k"]
@@ -190,6 +183,13 @@ def episode_funnel(records):
         f["answers copied exactly"] += sum(a in found for a in r["answers"])
         f["answers correct"] += r["n_correct"]
         f["all correct"] += bool(r["correct"])
+        thinking = r["trace"]["workers"].values() or [r["trace"]["organizer"]]
+        for a, op, b, v in (m for text in thinking for m in EQUATION.findall(text)):
+            a, b, v = int(a), int(b), int(v)
+            true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+            f["equations"] += 1
+            f["equations wrong"] += v != true
+            f["equations off by 1"] += true is not None and abs(v - true) == 1
     return dict(f)
 
 
@@ -220,7 +220,8 @@ def table(stats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Teacher-forced accuracy of a countdown model, by kind of token.")
+    ap = argparse.ArgumentParser(description="Where a countdown model goes wrong: teacher-forced accuracy "
+                                 "by kind of token (--ckpt), or whole solved episodes (--episodes).")
     ap.add_argument("--ckpt", help="a checkpoint written by train.py")
     ap.add_argument("--episodes", help="instead: the JSONL asyncthink.py solve wrote (countdown)")
     ap.add_argument("--preset", choices=sorted(tasks.COUNTDOWN_PRESETS), default="small")
@@ -234,7 +235,7 @@ def main(argv=None):
             with open(args.episodes) as fh:
                 records = [json.loads(line) for line in fh if line.strip()]
             print(funnel_table(episode_funnel(r for r in records if r.get("task") == "countdown")))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             print(f"error: {args.episodes} is not a file asyncthink.py solve wrote ({type(e).__name__}: {e})",
                   file=sys.stderr)
             sys.exit(2)
