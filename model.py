@@ -202,9 +202,9 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Tied embeddings: reading a token in and predicting it out share one matrix. Untied, the
-        # output can tell 5 from 6 even where the input embedding makes them alike (numbers
-        # embedded by value, init_number_embeddings).
+        # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
+        # was tried against the small model's "reads out a neighbour of the right number" errors
+        # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         # nanoGPT / GPT-2 init: N(0, 0.02) everywhere, and the projections that write
