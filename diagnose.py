@@ -39,7 +39,7 @@ import json
 import random
 import re
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 
@@ -161,10 +161,10 @@ EQUATION = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")  # "30-21=9", anywhere in a t
 
 def episode_funnel(records):
     """Follow the answers of solved countdown episodes (asyncthink.py solve's JSONL records) from
-    the workers to the <ANSWER>: {what: count}, summed over the episodes.
+    the workers to the <ANSWER>: a Counter {what: count}, summed over the episodes.
     Workers' expressions are what they put in <RETURN>; a sequential thinker has no workers,
     so its own "-> expression" lines stand in for them."""
-    f = defaultdict(int)
+    f = Counter()
     for r in records:
         f["episodes"] += 1
         if r["format_errors"]:
@@ -190,24 +190,24 @@ def episode_funnel(records):
             f["equations"] += 1
             f["equations wrong"] += v != true
             f["equations off by 1"] += true is not None and abs(v - true) == 1
-    return dict(f)
+    return f
 
 
 def funnel_table(f):
-    share = lambda a, b: f"{100 * f.get(a, 0) / max(1, f.get(b, 0)):.0f}%"
+    share = lambda a, b: f"{100 * f[a] / max(1, f[b]):.0f}%"
     return "\n".join([
-        f"episodes with a valid format        {f.get('valid format', 0)} of {f.get('episodes', 0)}",
-        f"expressions the workers returned    {f.get('returned', 0)}, of them correct "
-        f"{f.get('returned correct', 0)} ({share('returned correct', 'returned')})",
-        f"episodes whose workers found k      {f.get('workers found k', 0)}   "
+        f"episodes with a valid format        {f['valid format']} of {f['episodes']}",
+        f"expressions the workers returned    {f['returned']}, of them correct "
+        f"{f['returned correct']} ({share('returned correct', 'returned')})",
+        f"episodes whose workers found k      {f['workers found k']}   "
         "(distinct correct returns >= k: all-correct is possible)",
-        f"answers the organizer wrote         {f.get('answers', 0)}, exact copies of a returned one "
-        f"{f.get('answers copied exactly', 0)} ({share('answers copied exactly', 'answers')}), "
-        f"correct {f.get('answers correct', 0)}",
-        f"episodes all correct                {f.get('all correct', 0)}",
-        f"equations the threads wrote         {f.get('equations', 0)}, wrong {f.get('equations wrong', 0)} "
+        f"answers the organizer wrote         {f['answers']}, exact copies of a returned one "
+        f"{f['answers copied exactly']} ({share('answers copied exactly', 'answers')}), "
+        f"correct {f['answers correct']}",
+        f"episodes all correct                {f['all correct']}",
+        f"equations the threads wrote         {f['equations']}, wrong {f['equations wrong']} "
         f"({share('equations wrong', 'equations')}), of them off by one "
-        f"{f.get('equations off by 1', 0)} ({share('equations off by 1', 'equations wrong')})"])
+        f"{f['equations off by 1']} ({share('equations off by 1', 'equations wrong')})"])
 
 
 def table(stats):
