@@ -29,9 +29,16 @@ solve` wrote and follows each answer from the worker that found it to the organi
     answers the organizer wrote         344, exact copies of a returned one 26 (8%), correct 15
     episodes all correct                0
     equations the threads wrote         4926, wrong 783 (16%), of them off by one 492 (63%)
+    wrong expressions the threads found ("-> ..."), by the first false claim of their attempt:
+          129  distance wrong
+           88  claimed scan ok, not left
+           42  claimed have, not left
+           29  first step wrong
+           ...
 
 (the default rl.pt on the README's 100 test puzzles: its workers rarely find k answers, and its
-organizer rarely copies the ones they found; most wrong numbers are a neighbour of the right one).
+organizer rarely copies the ones they found; most wrong numbers are a neighbour of the right one;
+a wrong find starts most often at the distance "30-21=9", then at a number claimed to be left).
 """
 
 import argparse
@@ -159,6 +166,44 @@ RETURNED = re.compile(r"<RETURN>(.*?)</RETURN>", re.S)
 EQUATION = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")  # "30-21=9", anywhere in a thread
 
 
+def wrong_find_cause(attempt, numbers, target):
+    """Why a thread's "-> expression" line, found wrong by the verifier, is wrong: the first
+    false claim in the attempt line above it, checked step by step like the trace writes it.
+
+    >>> wrong_find_cause("12+8=21 30-21=9: have ok", [2, 3, 8, 9, 12], 30)
+    'first step wrong'
+    >>> wrong_find_cause("12+8=20 30-20=11: 11-2=9 ok", [2, 3, 9, 8, 12], 30)
+    'distance wrong'
+    >>> wrong_find_cause("12+8=20 30-20=10: have ok", [2, 3, 8, 9, 12], 30)
+    'claimed have, not left'
+    >>> wrong_find_cause("12*3=36 36-30=6: 6-2=4 ok", [2, 3, 5, 12], 30)
+    'claimed scan ok, not left'
+    """
+    m = re.match(r"(\d+)([-+*/])(\d+)=(\d+)(.*)", attempt)
+    if not m:
+        return "no attempt above"
+    a, op, b, v, tail = int(m[1]), m[2], int(m[3]), int(m[4]), m[5]
+    if traces.apply(a, op, b) != v:
+        return "first step wrong"
+    if tail.strip() == "ok":
+        return "claimed v = target" if v != target else "expression copied wrong"
+    d = re.match(r" (\d+)-(\d+)=(\d+):(.*)", tail)
+    if not d or sorted((int(d[1]), int(d[2]))) != sorted((v, target)) or int(d[3]) != abs(target - v):
+        return "distance wrong"
+    rest = list(numbers)
+    for x in (a, b):
+        rest.remove(x) if x in rest else None
+    left, dist = (traces.below(b, rest) if op in "+-" else rest), abs(target - v)
+    if "have" in d[4]:
+        return "claimed have, not left" if dist not in left else "expression copied wrong"
+    scans = re.findall(r"(\d+)-(\d+)=(\d+)", d[4])
+    if any(int(x) - int(y) != int(z) for x, y, z in scans):
+        return "scan subtraction wrong"
+    if not scans or int(scans[-1][1]) not in left or int(scans[-1][2]) not in left:
+        return "claimed scan ok, not left"
+    return "expression copied wrong"
+
+
 def episode_funnel(records):
     """Follow the answers of solved countdown episodes (asyncthink.py solve's JSONL records) from
     the workers to the <ANSWER>: a Counter {what: count}, summed over the episodes.
@@ -184,6 +229,10 @@ def episode_funnel(records):
         f["answers correct"] += r["n_correct"]
         f["all correct"] += bool(r["correct"])
         thinking = r["trace"]["workers"].values() or [r["trace"]["organizer"]]
+        for lines in (text.split("\n") for text in thinking):
+            for above, line in zip([""] + lines, lines):
+                if line.startswith("-> ") and tasks.check_countdown(line[3:], r["numbers"], r["target"]):
+                    f["wrong: " + wrong_find_cause(above, r["numbers"], r["target"])] += 1
         for a, op, b, v in (m for text in thinking for m in EQUATION.findall(text)):
             a, b, v = int(a), int(b), int(v)
             true = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
@@ -207,7 +256,9 @@ def funnel_table(f):
         f"episodes all correct                {f['all correct']}",
         f"equations the threads wrote         {f['equations']}, wrong {f['equations wrong']} "
         f"({share('equations wrong', 'equations')}), of them off by one "
-        f"{f['equations off by 1']} ({share('equations off by 1', 'equations wrong')})"])
+        f"{f['equations off by 1']} ({share('equations off by 1', 'equations wrong')})",
+        "wrong expressions the threads found (\"-> ...\"), by the first false claim of their attempt:",
+        *(f"    {n:5d}  {key[len('wrong: '):]}" for key, n in f.most_common() if key.startswith("wrong: "))])
 
 
 def table(stats):

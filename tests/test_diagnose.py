@@ -104,7 +104,8 @@ def test_episode_funnel_counts_by_hand():
     assert diagnose.episode_funnel(records) == {
         "episodes": 3, "valid format": 2, "returned": 4, "returned correct": 2,
         "workers found k": 1, "answers": 3, "answers copied exactly": 2, "answers correct": 2,
-        "all correct": 1, "equations": 5, "equations wrong": 1, "equations off by 1": 1}
+        "all correct": 1, "equations": 5, "equations wrong": 1, "equations off by 1": 1,
+        "wrong: first step wrong": 1}
     assert "of them correct 2 (50%)" in diagnose.funnel_table(diagnose.episode_funnel(records))
 
 
@@ -114,3 +115,23 @@ def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys)
     with pytest.raises(SystemExit) as e:
         diagnose.main(["--episodes", str(bad)])
     assert e.value.code == 2 and "not a file asyncthink.py solve wrote" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attempt, cause", [
+    ("2*1=3 ok", "first step wrong"),                        # 2*1 is 2
+    ("12+9=21 ok", "claimed v = target"),                    # 21 is not the target 30
+    ("12+9=21 30-21=8: have ok", "distance wrong"),          # 30-21 is 9
+    ("12+9=21 30-22=8: have ok", "distance wrong"),          # the wrong operand
+    ("12+9=21 30-21=9: have ok", "claimed have, not left"),  # 9 is the pair itself, not left
+    ("12*3=36 36-30=6: 6-2=5 ok", "scan subtraction wrong"),
+    ("12*3=36 36-30=6: 6-2=4 ok", "claimed scan ok, not left"),  # 4 is not among 2 5 9
+    ("12*3=36 36-30=6: 6-1=5 ok", "claimed scan ok, not left"),  # 1 is not there either
+    ("12*3=36 36-30=6: have ok", "claimed have, not left"),
+    ("12*2=24 30-24=6: 6-... ", "claimed scan ok, not left"),    # no scan at all
+    ("12+5=17 30-17=13: 13-2=11 13-9=4 ok", "claimed scan ok, not left"),  # below 5 only: 2
+    ("9*2=18 30-18=12: have ok", "expression copied wrong"),  # every claim holds: the copy failed
+    ("", "no attempt above"),
+])
+def test_wrong_find_cause_names_the_first_false_claim(attempt, cause):
+    # numbers 2 3 5 9 12, target 30: after 12 and 3 the rest is 2 5 9; after 9*2 it is 3 5 12
+    assert diagnose.wrong_find_cause(attempt, [2, 3, 5, 9, 12], 30) == cause
