@@ -306,6 +306,9 @@ def wrap(model, cfg, world, device):
     ddp = DDP(model) if world > 1 else model
     fwd = torch.compile(ddp) if cfg.compile else ddp
     bf16 = cfg.dtype == "bfloat16" and "cuda" in str(device)
+    if cfg.dtype == "bfloat16" and not bf16 and int(os.environ.get("RANK", 0)) == 0:
+        # CPUs without bf16 units run bf16 slower than float32, so autocast stays a CUDA thing
+        print(f"note: --dtype bfloat16 autocasts on CUDA only; training in float32 on {device}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     return ddp, fwd, autocast
 
@@ -538,6 +541,8 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.hint_share <= 1:
         ap.error(f"--hint-share must lie in [0, 1], got {cfg.hint_share}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        ap.error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.number_init not in ("fourier", "random"):
         ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":

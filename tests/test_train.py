@@ -91,6 +91,7 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--copy-drills", "-1", "--copy-drills must be >= 0"),
     ("--ckpt-every", "0", "--ckpt-every must be positive"),
     ("--hint-share", "1.5", "--hint-share must lie in [0, 1]"),
+    ("--dtype", "float16", "--dtype must be float32 or bfloat16"),
 ])
 def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
