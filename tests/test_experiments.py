@@ -47,3 +47,22 @@ def test_second_run_reuses_checkpoints(quick):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("reusing") == 14  # 3 modes x 2 stages, 2 ablations, 3 sudoku x 2 stages
     assert "python train.py" not in r.stdout
+
+
+def test_rewrite_report_reproduces_the_report_from_results_json(quick, tmp_path):
+    d, _ = quick
+    again = tmp_path / "AGAIN.md"
+    r = run("--rewrite-report", "--out", str(d / "results"), "--report", str(again))
+    assert r.returncode == 0, r.stderr[-2000:]
+    strip_links = lambda text: text.replace("](" + str(d / "results"), "](results")
+    original = (d / "RESULTS.md").read_text()
+    assert "python train.py" not in r.stdout and "evaluating" not in r.stdout
+    # the same tables and times; only the plots' relative links differ (the report moved)
+    assert strip_links(again.read_text()).split("![")[0] == original.split("![")[0]
+    assert again.read_text().count("|") == original.count("|")
+
+
+def test_rewrite_report_refuses_a_folder_without_results(tmp_path):
+    r = run("--rewrite-report", "--out", str(tmp_path), "--report", str(tmp_path / "R.md"))
+    assert r.returncode == 2 and "is not a results.json a finished run wrote" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "R.md").exists()
