@@ -39,6 +39,9 @@ solve` wrote and follows each answer from the worker that found it to the organi
 (the default rl.pt on the README's 100 test puzzles: its workers rarely find k answers, and its
 organizer rarely copies the ones they found; most wrong numbers are a neighbour of the right one;
 a wrong find starts most often at the distance "30-21=9", then at a number claimed to be left).
+Last, every async worker's text is compared with the one the solver writes for its sub-query,
+and the first token where they part is named by kind: of 689 workers above, 52 are exact and 310
+first go wrong at a distance result.
 """
 
 import argparse
@@ -242,6 +245,37 @@ def episode_funnel(records):
     return f
 
 
+SUB_QUERY = re.compile(r"(\d+) (\d+) of ([\d ]+) to (\d+)")  # "12 9 of 2 3 4 5 9 12 to 30"
+
+
+def worker_divergence(records, tok):
+    """Where sampled workers first leave the solver's text: each async worker's text is rebuilt
+    by traces.pair_attempts from its own sub-query, and the kind (kind_of) of the first token
+    where the two differ is counted. A Counter: "workers", "sub-query invalid" (not a pair of
+    the puzzle's numbers, or the numbers miscopied), "exact", and "first off: <kind>"."""
+    f = Counter()
+    for r in records:
+        for i, text in r["trace"]["workers"].items():
+            f["workers"] += 1
+            fork = re.search(rf"<FORK-{i}>(.*?)</FORK-{i}>", r["trace"]["organizer"])
+            q = fork and SUB_QUERY.fullmatch(fork[1])
+            a, b = (int(q[1]), int(q[2])) if q else (0, 0)
+            if not q or q[3].split() != [str(x) for x in r["numbers"]] or int(q[4]) != r["target"] \
+                    or a == b or a not in r["numbers"] or b not in r["numbers"]:
+                f["sub-query invalid"] += 1
+                continue
+            body, found = traces.pair_attempts(a, b, r["numbers"], r["target"])
+            ref = tok.encode(f"{body}\n{P.RETURN}{P.ANSWER_SEPARATOR.join(found) or 'none'}{P.RETURN_END}")
+            out = tok.encode(text)
+            k = next((j for j, (x, y) in enumerate(zip(out, ref)) if x != y), min(len(out), len(ref)))
+            if k == len(ref):
+                f["exact"] += 1
+                continue
+            line = tok.decode(ref[:k]).split("\n")[-1]
+            f["first off: " + kind_of("worker", line, tok.decode(ref[k:k + 1]))] += 1
+    return f
+
+
 def funnel_table(f):
     share = lambda a, b: f"{100 * f[a] / max(1, f[b]):.0f}%"
     return "\n".join([
@@ -259,6 +293,15 @@ def funnel_table(f):
         f"{f['equations off by 1']} ({share('equations off by 1', 'equations wrong')})",
         "wrong expressions the threads found (\"-> ...\"), by the first false claim of their attempt:",
         *(f"    {n:5d}  {key[len('wrong: '):]}" for key, n in f.most_common() if key.startswith("wrong: "))])
+
+
+def divergence_table(f):
+    checked = f["workers"] - f["sub-query invalid"]
+    return "\n".join([
+        f"workers                             {f['workers']}, with a valid sub-query {checked}, "
+        f"writing the solver's text exactly {f['exact']}",
+        "where the others first leave it (the kind of the solver's token there):",
+        *(f"    {n:5d}  {key[len('first off: '):]}" for key, n in f.most_common() if key.startswith("first off: "))])
 
 
 def table(stats):
@@ -285,7 +328,9 @@ def main(argv=None):
         try:
             with open(args.episodes) as fh:
                 records = [json.loads(line) for line in fh if line.strip()]
-            print(funnel_table(episode_funnel(r for r in records if r.get("task") == "countdown")))
+            countdown = [r for r in records if r.get("task") == "countdown"]
+            print(funnel_table(episode_funnel(countdown)))
+            print(divergence_table(worker_divergence(countdown, P.Tokenizer.numbers())))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             print(f"error: {args.episodes} is not a file asyncthink.py solve wrote ({type(e).__name__}: {e})",
                   file=sys.stderr)

@@ -135,3 +135,18 @@ def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys)
 def test_wrong_find_cause_names_the_first_false_claim(attempt, cause):
     # numbers 2 3 5 9 12, target 30: after 12 and 3 the rest is 2 5 9; after 9*2 it is 3 5 12
     assert diagnose.wrong_find_cause(attempt, [2, 3, 5, 9, 12], 30) == cause
+
+
+def test_worker_divergence_finds_the_first_token_off_the_solver_text():
+    # numbers 1 2 3 5 7, target 16; the solver's worker for the pair 5 3 (traces.pair_attempts)
+    exact = ("below 1 2\nrest 1 2 7\n5+3=8 16-8=8: no\n5-3=2 16-2=14: no\n"
+             "5*3=15 16-15=1: have ok\n-> 5*3+1\n<RETURN>5*3+1</RETURN>")
+    wrong_distance = exact.replace("16-2=14", "16-2=13")
+    organizer = ("<FORK-1>5 3 of 1 2 3 5 7 to 16</FORK-1><FORK-2>5 3 of 1 2 3 5 7 to 16</FORK-2>"
+                 "<FORK-3>5 5 of 1 2 3 5 7 to 16</FORK-3><FORK-4>7 3 of 1 2 3 5 to 16</FORK-4>")
+    record = dict(task="countdown", numbers=[1, 2, 3, 5, 7], target=16, k=4, trace={
+        "organizer": organizer, "workers": {"1": exact, "2": wrong_distance, "3": exact, "4": exact}})
+    f = diagnose.worker_divergence([record], P.Tokenizer.numbers())
+    # worker 3's pair repeats a number, worker 4's sub-query miscopies the puzzle's numbers
+    assert f == {"workers": 4, "exact": 1, "sub-query invalid": 2, "first off: wrk distance result": 1}
+    assert "writing the solver's text exactly 1" in diagnose.divergence_table(f)
