@@ -9,7 +9,13 @@ Training speed: `python bench_train.py [--steps N] [--preset small]`.
    trace tokens trained on or read (padding not counted). Target: train.py >= 0.9x the bare loop.
 2. Model FLOPs utilization: the model's FLOPs per token (6 N for the weights, plus 12 L d T for
    attention over a sequence of T tokens, as in the PaLM appendix / nanoGPT) times tokens/s,
-   against a measured peak: the best GFLOP/s of a large float32 matmul on this machine.
+   against a measured peak: the best GFLOP/s of a large matmul on this machine, in the dtype
+   the step computes in (float32, or bfloat16 under --dtype bfloat16 on CUDA).
+
+On one GPU, the gpu preset as train.py runs it (bf16 autocast, compiled forward; all three
+loops get the same autocast and compile, so the ratios stay like for like):
+
+    python bench_train.py --preset gpu --device cuda --compile --steps 30
 
 RL's split between rollout and update is logged per step by `train.py --stage rl`
 (rollout_s, update_s, rollout_tokens_per_s in metrics.jsonl).
@@ -20,21 +26,32 @@ import random
 import statistics
 import time
 
+from contextlib import nullcontext
+
 import torch
 
+import asyncthink as A
 import protocol as P
 import train
 from model import GPT, GPTConfig
 
 
-def matmul_peak(n=1024, repeats=10):
-    """GFLOP/s of the best of several n x n float32 matmuls."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device):
+    """Wait for the GPU: its kernels run asynchronously, so a timer must not stop before they end."""
+    if "cuda" in str(device):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(n=1024, repeats=10, device="cpu", dtype=torch.float32):
+    """GFLOP/s of the best of several n x n matmuls (on a GPU use n = 8192: small ones cannot fill it)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -73,11 +90,12 @@ def padded_batches(seqs, micro_tokens, pad_id):
     return out
 
 
-def bare_step(model, opt, batches):
+def bare_step(fwd, model, opt, batches, device="cpu", autocast=nullcontext()):
     """nanoGPT: forward, backward, clip, step (batches of (x, y) or (x, y, segments))."""
     for x, y, *seg in batches:
-        _, loss = model(x, y, segments=seg[0] if seg else None)
-        loss.backward()
+        with autocast:
+            _, loss = fwd(x.to(device), y.to(device), segments=seg[0].to(device) if seg else None)
+            loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -88,16 +106,26 @@ def main(argv=None):
     ap.add_argument("--preset", default="small", choices=sorted(train.PRESETS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--episodes", type=int, default=None, help="traces per step (default: the preset's)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every loop's forward")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the preset's")
     args = ap.parse_args(argv)
     if args.steps <= 1:
         ap.error("--steps must be at least 2")
-    cfg = train.parse_args(["--preset", args.preset] + (["--sft-episodes", str(args.episodes)] if args.episodes else []))
+    try:
+        device = A.pick_device(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+    flags = ["--preset", args.preset] + (["--sft-episodes", str(args.episodes)] if args.episodes else [])
+    cfg = train.parse_args(flags + (["--dtype", args.dtype] if args.dtype else []) + ["--compile"] * args.compile)
     tok = P.Tokenizer.numbers()
     torch.manual_seed(0)
-    models = [GPT(GPTConfig.preset(cfg.model, tok.n_vocab)) for _ in range(3)]  # ours, bare, padded
+    models = [GPT(GPTConfig.preset(cfg.model, tok.n_vocab)).to(device) for _ in range(3)]  # ours, bare, padded
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     ours, bare, padded = models
+    _, fwd_ours, autocast = train.wrap(ours, cfg, 1, device)  # train.py's own forward and autocast
+    fwd_bare, fwd_padded = (torch.compile(m) if cfg.compile else m for m in (bare, padded))
     opts = [train.make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
     rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for all three
     block = ours.config.block_size
@@ -110,21 +138,30 @@ def main(argv=None):
         t0 = time.perf_counter()
         batches = train.micro_batches(seqs(rng_ours), cfg.micro_tokens, tok.pad)  # inside the step
         t_data.append(time.perf_counter() - t0)
-        train.sft_step(ours, ours, opts[0], batches, cfg, "cpu")
+        train.sft_step(fwd_ours, ours, opts[0], batches, cfg, device, autocast=autocast)
+        sync(device)
         t_ours.append(time.perf_counter() - t0)
-        for model, opt, data, times in [(bare, opts[1], packed, t_bare), (padded, opts[2], padded_data, t_padded)]:
+        for fwd, model, opt, data, times in [(fwd_bare, bare, opts[1], packed, t_bare),
+                                             (fwd_padded, padded, opts[2], padded_data, t_padded)]:
+            sync(device)
             t0 = time.perf_counter()
-            bare_step(model, opt, data[step])
+            bare_step(fwd, model, opt, data[step], device, autocast)
+            sync(device)
             times.append(time.perf_counter() - t0)
         n_tokens.append(sum(len(ids) - 1 for ids, _ in prepared[step]))
         n_flops.append(flops(ours, prepared[step]))
-    keep = slice(1, None)  # the first step warms up allocators
+    # the first step warms up allocators; compiling takes a few more (one per new batch shape)
+    keep = slice(min(args.steps - 1, 5 if args.compile else 1), None)
     tok_s = lambda times: sum(n_tokens[keep]) / sum(times[keep])
-    peak = matmul_peak()
+    bf16 = autocast is not None and not isinstance(autocast, nullcontext)
+    peak = matmul_peak(8192 if "cuda" in str(device) else 1024, device=device,
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
     achieved = sum(n_flops[keep]) / sum(t_ours[keep]) / 1e9
     padding = 1 - sum(n_tokens) / sum(x.numel() for batches in padded_data for x, _ in batches)
     print(f"SFT speed, preset {args.preset} ({ours.num_params() / 1e6:.2f}M parameters), "
-          f"{cfg.sft_episodes} traces per step, {args.steps - 1} timed steps, torch threads {torch.get_num_threads()}")
+          f"{cfg.sft_episodes} traces per step, {len(n_tokens[keep])} timed steps, device {device}, "
+          f"{'bfloat16 autocast' if bf16 else 'float32'}{', compiled' if args.compile else ''}, "
+          f"torch threads {torch.get_num_threads()}")
     print("| loop | trace tokens/s | ratio to the bare loop | median step |")
     print("|---|---|---|---|")
     for name, times in [("bare nanoGPT-style loop, packed rows", t_bare),
@@ -134,7 +171,8 @@ def main(argv=None):
               f"{1000 * statistics.median(times[keep]):.0f} ms |")
     share = sum(t_data[keep]) / sum(t_ours[keep])
     print(f"trace generation and packing: {100 * share:.0f}% of train.py's step time")
-    print(f"model FLOPs utilization: {achieved:.1f} GFLOP/s of a measured {peak:.1f} GFLOP/s matmul peak "
+    print(f"model FLOPs utilization: {achieved:.1f} GFLOP/s of a measured {peak:.1f} GFLOP/s "
+          f"{'bf16' if bf16 else 'float32'} matmul peak "
           f"= {100 * achieved / peak:.0f}% MFU (padding not counted)")
     return 0
 

@@ -20,3 +20,13 @@ def test_training_speed_benchmark_runs(capsys):
     out = capsys.readouterr().out
     assert "bare nanoGPT-style loop" in out and "MFU" in out and "train.py step" in out
     assert "padded batches" in out
+
+
+def test_training_speed_benchmark_refuses_a_missing_gpu_with_one_line(capsys, monkeypatch):
+    import pytest
+    import torch
+    import bench_train
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        bench_train.main(["--preset", "tiny", "--steps", "2", "--device", "cuda"])
+    assert e.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
