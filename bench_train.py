@@ -25,7 +25,6 @@ import argparse
 import random
 import statistics
 import time
-
 from contextlib import nullcontext
 
 import torch
@@ -153,7 +152,7 @@ def main(argv=None):
     # the first step warms up allocators; compiling takes a few more (one per new batch shape)
     keep = slice(min(args.steps - 1, 5 if args.compile else 1), None)
     tok_s = lambda times: sum(n_tokens[keep]) / sum(times[keep])
-    bf16 = autocast is not None and not isinstance(autocast, nullcontext)
+    bf16 = not isinstance(autocast, nullcontext)  # train.wrap autocasts only for bf16 on CUDA
     peak = matmul_peak(8192 if "cuda" in str(device) else 1024, device=device,
                        dtype=torch.bfloat16 if bf16 else torch.float32)
     achieved = sum(n_flops[keep]) / sum(t_ours[keep]) / 1e9

@@ -193,9 +193,7 @@ def wrong_find_cause(attempt, numbers, target):
     d = re.match(r" (\d+)-(\d+)=(\d+):(.*)", tail)
     if not d or sorted((int(d[1]), int(d[2]))) != sorted((v, target)) or int(d[3]) != abs(target - v):
         return "distance wrong"
-    rest = list(numbers)
-    for x in (a, b):
-        rest.remove(x) if x in rest else None
+    rest = [x for x in numbers if x not in (a, b)]  # as traces.pair_attempts lists them
     left, dist = (traces.below(b, rest) if op in "+-" else rest), abs(target - v)
     if "have" in d[4]:
         return "claimed have, not left" if dist not in left else "expression copied wrong"

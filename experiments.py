@@ -390,6 +390,11 @@ def write_report(report, out, res, command, seconds):
 # -----------------------------------------------------------------------------
 # The experiment
 
+def command_line(budget):
+    """The command that reproduces a report, as RESULTS.md states it."""
+    return "python experiments.py" + (f" --budget {budget}" if budget != "small" else "")
+
+
 def rewrite_report(args):
     """The report again from the rows and timings a finished run saved: no training, no evaluation."""
     global BUDGET
@@ -398,8 +403,7 @@ def rewrite_report(args):
         with open(path) as f:
             res = json.load(f)
         BUDGET = BUDGETS[res["budget"]]
-        command = "python experiments.py" + (f" --budget {res['budget']}" if res["budget"] != "small" else "")
-        write_report(args.report, args.out, res, command, res["seconds"])
+        write_report(args.report, args.out, res, command_line(res["budget"]), res["seconds"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"experiments.py: error: {path} is not a results.json a finished run wrote "
               f"({type(e).__name__}: {e})", file=sys.stderr)
@@ -508,8 +512,7 @@ def main(argv=None):
     res["seconds"] = seconds
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({**res, "rows": main_rows + ablations + sudoku_rows + capacity_rows}, f, indent=1)
-    command = "python experiments.py" + (f" --budget {args.budget}" if args.budget != "small" else "")
-    write_report(args.report, out, res, command, seconds)
+    write_report(args.report, out, res, command_line(args.budget), seconds)
     print(f"[experiments] {seconds / 60:.1f} min; wrote {args.report} and {out}/results.json")
     return 0
 
