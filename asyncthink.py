@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 import protocol as P
 import tasks
+import traces
 from model import GPT, load_checkpoint
 
 MODES = ("sequential", "parallel", "async")
@@ -653,6 +654,12 @@ def main(argv=None):
     for r in records[:args.show]:
         print(show_timeline(r))
     print(summary(records, seconds))
+    guess = traces.chance(rows)
+    if guess:  # the floor: what k random expressions per puzzle score on the same puzzles
+        n = sum(r.get("task", "countdown") == "countdown" for r in rows)
+        print(f"{'chance':<10} n={n}  " + " ".join(f"{k.replace('ge', '>=')} {100 * v:5.1f}%"
+                                                 for k, v in guess.items())
+              + "  (k random expressions per puzzle, 100 draws)")
     print(f"wrote {len(records)} rows to {args.output}")
     return 0
 
