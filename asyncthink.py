@@ -657,9 +657,9 @@ def main(argv=None):
     guess = traces.chance(rows)
     if guess:  # the floor: what k random expressions per puzzle score on the same puzzles
         n = sum(r.get("task", "countdown") == "countdown" for r in rows)
-        print(f"{'chance':<10} n={n}  " + " ".join(f"{k.replace('ge', '>=')} {100 * v:5.1f}%"
-                                                 for k, v in guess.items())
-              + "  (k random expressions per puzzle, 100 draws)")
+        ge = " ".join(f">={k[2:]} {100 * v:5.1f}%" for k, v in guess.items() if k.startswith("ge"))
+        print(f"{'chance':<10} n={n}  {ge}  all {100 * guess['all']:5.1f}%  "
+              "(k random expressions per puzzle, 100 draws)")
     print(f"wrote {len(records)} rows to {args.output}")
     return 0
 
