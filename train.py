@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -58,10 +58,17 @@ class TrainConfig:
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
     number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
-    # SFT (defaults: <= 15 minutes on 2 CPU cores: ~0.44 s per packed step of 2 traces, and one
-    # evaluation at the end (2100 steps took 15 min 19 s); many small steps learn faster here
-    # than few large ones: 1500 x 2 traces beat 600 x 8 in the same time)
-    sft_steps: int = 2000
+    # SFT. The default fills a wall-clock budget instead of a step count: what the model learns
+    # depends steeply on the steps it gets (at 2000 steps of 2 traces it writes the format but is
+    # never all correct, at 6000 it is in 11-14% of puzzles: BENCHMARKS.md), and 2-core machines
+    # differ by 2x in speed (0.2-0.44 s per step), so a fixed count either wastes a fast machine's
+    # 15 minutes or overruns a slow one's. Many small steps learn faster here than few large
+    # ones (1500 x 2 traces beat 600 x 8 in the same time).
+    sft_steps: int = 0              # 0: as many as fit in sft_minutes, timed on this machine
+    sft_minutes: float = 12.0       # the budget sft_steps=0 fills, timed on early steps (~8%
+                                    # faster than the average step), plus the evaluations at step
+                                    # 2000 and at the end (~20-35 s each): 13 budgeted minutes
+                                    # took 15:00 in all on the 2-core box, so 12
     sft_episodes: int = 2           # traces (each several threads) per step
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
@@ -95,9 +102,10 @@ class TrainConfig:
     max_worker_tokens: int = 320
     # evaluation (greedy; parallel workers sample, or they would all write the same text)
     eval_parallel_temperature: float = 0.5
-    eval_every: int = 2000          # SFT steps between evaluations (and at the last step); the
-                                    # default evaluates at the end only: half way the model was
-                                    # 0% valid, and each evaluation costs ~35 s of the 15 minutes
+    eval_every: int = 2000          # SFT steps between evaluations (and at the last step): one
+                                    # half way on a fast machine, else at the end only (each
+                                    # costs ~15-35 s of the 15 minutes; before ~1500 steps the
+                                    # model is rarely valid)
     eval_n: int = 32
     stop_at: int = 0                # stop (with a checkpoint) after this step: tests, split runs
     ckpt_every: int = 50
@@ -189,6 +197,15 @@ def save(path, model, optimizer, step, rng, cfg, tok_spec, extra=None):
     raw = getattr(raw, "_orig_mod", raw)  # torch.compile wraps the module
     save_checkpoint(path, raw, optimizer=optimizer.state_dict(), step=step, rng=rng_state(rng),
                     train_config=asdict(cfg), tokenizer=tok_spec, **(extra or {}))
+
+
+TIMED_STEPS = 5, 25  # steps after the start that time an SFT step (sft_steps=0), before warmup ends
+
+
+def steps_in_budget(seconds_so_far, seconds_per_step, done, minutes):
+    """How many SFT steps a run of `minutes` holds, `done` steps and `seconds_so_far` into it:
+    steps_in_budget(6.0, 0.2, 25, 12.0) -> 25 + (720 - 6) / 0.2 = 3595."""
+    return done + max(0, int((60 * minutes - seconds_so_far) / seconds_per_step))
 
 
 def lr_at(step, cfg, total):
@@ -346,13 +363,16 @@ def train_sft(cfg, rank, world, device, log):
         check_compatible(ckpt, cfg, path)
     start = resume_from(ckpt, optimizer, rng, path, "SFT", rank)
     ddp, fwd, autocast = wrap(model, cfg, world, device)
-    stop = cfg.stop_at or cfg.sft_steps
-    bar = tqdm(range(start, stop), desc="sft", disable=rank != 0, initial=start, total=stop, file=sys.stderr)
+    if not cfg.sft_steps and ckpt is not None:  # a resumed timed run keeps the steps it planned
+        cfg = replace(cfg, sft_steps=ckpt.get("train_config", {}).get("sft_steps", 0))
+    stop = cfg.stop_at or cfg.sft_steps  # 0: not known until TIMED_STEPS have run
+    bar = tqdm(desc="sft", disable=rank != 0, initial=start, total=stop or None, file=sys.stderr)
     model.train()
-    for step in bar:
+    step, t_start = start, time.perf_counter()
+    while not stop or step < stop:
         t0 = time.perf_counter()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg, cfg.sft_steps)
+        for g in optimizer.param_groups:  # until the steps are known the schedule is in its
+            g["lr"] = lr_at(step, cfg, cfg.sft_steps or 10 ** 9)  # warmup (or its flat start)
         batches = micro_batches(sft_sequences(cfg, tok, rng, cfg.sft_episodes, model.config.block_size),
                                 cfg.micro_tokens, tok.pad)
         try:
@@ -364,6 +384,20 @@ def train_sft(cfg, rank, world, device, log):
                "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 3),
                "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}
         bar.set_postfix(loss=f"{loss_per_token:.3f}", tok_s=row["tokens_per_s"])
+        bar.update()
+        if not cfg.sft_steps and step + 1 == start + TIMED_STEPS[0]:
+            t_timed = time.perf_counter()
+        if not cfg.sft_steps and step + 1 == start + TIMED_STEPS[1]:
+            now = time.perf_counter()
+            per_step = (now - t_timed) / (TIMED_STEPS[1] - TIMED_STEPS[0])
+            planned = torch.tensor(steps_in_budget(now - t_start, per_step, step + 1, cfg.sft_minutes))
+            if world > 1:  # every rank runs rank 0's plan
+                planned = planned.to(device)
+                dist.broadcast(planned, 0)
+            cfg = replace(cfg, sft_steps=int(planned))
+            stop, bar.total = cfg.stop_at or cfg.sft_steps, cfg.sft_steps
+            bar.write(f"sft: {per_step:.3f} s per step here, so {cfg.sft_steps} steps fill "
+                      f"--sft-minutes {cfg.sft_minutes:g} (to repeat this run: --sft-steps {cfg.sft_steps})")
         last = step + 1 == stop
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and rank == 0:
             row.update(evaluate(model, tok, cfg, cfg.eval_n))
@@ -372,6 +406,7 @@ def train_sft(cfg, rank, world, device, log):
         log.write(row)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
             save(path, model, optimizer, step + 1, rng, cfg, tok.spec())
+        step += 1
     bar.close()
     return path
 
@@ -532,7 +567,9 @@ def parse_args(argv=None):
     if cfg.mode == "parallel" and args.max_worker_tokens is None:
         # a parallel worker thinks through the whole question, as long as a sequential thinker
         cfg.max_worker_tokens = cfg.max_organizer_tokens
-    for name in ("sft_steps", "sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
+    if cfg.sft_steps < 0 or cfg.sft_minutes <= 0:
+        ap.error("--sft-steps must be >= 0 (0: fill --sft-minutes) and --sft-minutes > 0")
+    for name in ("sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
                  "inner_updates", "eval_n", "ckpt_every"):
         if getattr(cfg, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")

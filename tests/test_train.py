@@ -204,3 +204,37 @@ def test_copy_drills_join_each_countdown_trace():
     for ids, mask in drills:  # tally drills: "copy A\nand B\n" is untrained, "-> A, B\n" trained
         a, b = tok.decode([i for i, m in zip(ids, mask) if not m]).removeprefix("copy ").rstrip("\n").split("\nand ")
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == f"-> {a}, {b}\n"
+
+
+def test_steps_in_budget_by_hand():
+    # 25 steps done in 6 s at 0.2 s per step: (13 * 60 - 6) / 0.2 = 3870 more
+    assert train.steps_in_budget(6.0, 0.2, 25, 13.0) == 25 + 3870
+    assert train.steps_in_budget(100.0, 0.2, 25, 1.0) == 25  # over budget already: stop now
+
+
+def test_timed_sft_plans_its_steps_and_a_resume_keeps_the_plan(tmp_path):
+    """--sft-steps 0 times the first steps and fills --sft-minutes: the plan is printed with the
+    flag that repeats it, saved in the checkpoint's config, and kept by --resume (a new timing
+    would change the learning-rate schedule half way)."""
+    d = tmp_path / "timed"
+    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "1",
+            "--stop-at", "30")
+    assert r.returncode == 0, r.stderr
+    plan = re.search(r"so (\d+) steps fill --sft-minutes 1 \(to repeat this run: --sft-steps (\d+)\)", r.stderr)
+    assert plan and plan.group(1) == plan.group(2), r.stderr
+    planned = int(plan.group(1))
+    assert planned > 30  # the tiny model takes well under 2 s per step
+    ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 30 and ckpt["train_config"]["sft_steps"] == planned
+    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--resume", "--stop-at", "32")
+    assert r.returncode == 0, r.stderr
+    assert "steps fill" not in r.stderr  # no second timing
+    ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 32 and ckpt["train_config"]["sft_steps"] == planned
+    # a budget that ends during the timed steps stops right after them, with a checkpoint
+    d = tmp_path / "short"
+    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "0.0001")
+    assert r.returncode == 0, r.stderr
+    assert torch.load(d / "sft.pt", map_location="cpu", weights_only=True)["step"] == 25
+    assert run("--stage", "sft", *TINY, "--sft-minutes", "0").returncode == 2
+    assert run("--stage", "sft", *TINY, "--sft-steps", "-1").returncode == 2
