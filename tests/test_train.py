@@ -83,7 +83,7 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     r = run("--stage", "rl", *TINY, "--run-dir", str(tmp_path / "empty"))
     assert r.returncode == 2 and "run `python train.py --stage sft`" in r.stderr
-    r = run("--stage", "sft", *TINY, "--sft-steps", "0")
+    r = run("--stage", "sft", *TINY, "--sft-episodes", "0")
     assert r.returncode == 2 and "must be positive" in r.stderr
 
 
@@ -220,15 +220,15 @@ def test_timed_sft_plans_its_steps_and_a_resume_keeps_the_plan(tmp_path):
     r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "1",
             "--stop-at", "30")
     assert r.returncode == 0, r.stderr
-    plan = re.search(r"so (\d+) steps fill --sft-minutes 1 \(to repeat this run: --sft-steps (\d+)\)", r.stderr)
-    assert plan and plan.group(1) == plan.group(2), r.stderr
+    plan = re.search(r"so (\d+) steps fill --sft-minutes 1 \(to repeat this run: --sft-steps (\d+)\)", r.stdout)
+    assert plan and plan.group(1) == plan.group(2), r.stdout
     planned = int(plan.group(1))
     assert planned > 30  # the tiny model takes well under 2 s per step
     ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 30 and ckpt["train_config"]["sft_steps"] == planned
     r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--resume", "--stop-at", "32")
     assert r.returncode == 0, r.stderr
-    assert "steps fill" not in r.stderr  # no second timing
+    assert "steps fill" not in r.stdout + r.stderr  # no second timing
     ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 32 and ckpt["train_config"]["sft_steps"] == planned
     # a budget that ends during the timed steps stops right after them, with a checkpoint
@@ -236,5 +236,7 @@ def test_timed_sft_plans_its_steps_and_a_resume_keeps_the_plan(tmp_path):
     r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "0.0001")
     assert r.returncode == 0, r.stderr
     assert torch.load(d / "sft.pt", map_location="cpu", weights_only=True)["step"] == 25
-    assert run("--stage", "sft", *TINY, "--sft-minutes", "0").returncode == 2
-    assert run("--stage", "sft", *TINY, "--sft-steps", "-1").returncode == 2
+    for flags in (["--sft-minutes", "0"], ["--sft-steps", "-1"]):  # refused before any training
+        r = run("--stage", "sft", *TINY, "--run-dir", str(tmp_path / "refused"), *flags)
+        assert r.returncode == 2 and "--sft-steps must be >= 0" in r.stderr
+        assert not (tmp_path / "refused").exists()
