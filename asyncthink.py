@@ -558,15 +558,20 @@ def metrics(records):
     return out
 
 
+def accuracy_text(m):
+    """'>=1  50.0% >=2  10.0%  all  10.0%' from metrics() (or traces.chance()); no >=j when k = 1."""
+    k = sum(key.startswith("ge") for key in m)
+    ge = " ".join(f">={j} {100 * m[f'ge{j}']:5.1f}%" for j in range(1, k + 1) if k > 1)
+    return f"{ge}  all {100 * m['all']:5.1f}%"
+
+
 def summary(records, seconds=None):
     """One line of metrics per mode: accuracy >=1..>=k and all, latency, eta, tokens, errors."""
     lines = []
     for mode in dict.fromkeys(r["mode"] for r in records):
         rs = [r for r in records if r["mode"] == mode]
         m = metrics(rs)
-        k = sum(key.startswith("ge") for key in m)
-        acc = " ".join(f">={j} {100 * m[f'ge{j}']:5.1f}%" for j in range(1, k + 1) if k > 1)
-        line = (f"{mode:<10} n={len(rs)}  {acc}  all {100 * m['all']:5.1f}%  "
+        line = (f"{mode:<10} n={len(rs)}  {accuracy_text(m)}  "
                 f"latency {m['latency']:7.1f}  eta {m['eta']:.2f}  tokens "
                 f"{m['tokens']:7.1f}  format errors {100 * (1 - m['format_ok']):5.1f}%")
         if seconds:
@@ -657,9 +662,7 @@ def main(argv=None):
     guess = traces.chance(rows)
     if guess:  # the floor: what k random expressions per puzzle score on the same puzzles
         n = sum(r.get("task", "countdown") == "countdown" for r in rows)
-        ge = " ".join(f">={k[2:]} {100 * v:5.1f}%" for k, v in guess.items() if k.startswith("ge"))
-        print(f"{'chance':<10} n={n}  {ge}  all {100 * guess['all']:5.1f}%  "
-              "(k random expressions per puzzle, 100 draws)")
+        print(f"{'chance':<10} n={n}  {accuracy_text(guess)}  (k random expressions per puzzle, 100 draws)")
     print(f"wrote {len(records)} rows to {args.output}")
     return 0
 

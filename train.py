@@ -208,6 +208,20 @@ def steps_in_budget(seconds_so_far, seconds_per_step, done, minutes):
     return done + max(0, int((60 * minutes - seconds_so_far) / seconds_per_step))
 
 
+def plan_sft_steps(cfg, t_start, t_timed, done, world, device, bar):
+    """cfg with sft_steps set to what fills cfg.sft_minutes, from the time the TIMED_STEPS took
+    (ending now, `done` steps into the run); every rank takes rank 0's plan. Prints the plan."""
+    now = time.perf_counter()
+    per_step = (now - t_timed) / (TIMED_STEPS[1] - TIMED_STEPS[0])
+    planned = torch.tensor(steps_in_budget(now - t_start, per_step, done, cfg.sft_minutes), device=device)
+    if world > 1:
+        dist.broadcast(planned, 0)
+    cfg = replace(cfg, sft_steps=int(planned))
+    bar.write(f"sft: {per_step:.3f} s per step here, so {cfg.sft_steps} steps fill "
+              f"--sft-minutes {cfg.sft_minutes:g} (to repeat this run: --sft-steps {cfg.sft_steps})")
+    return cfg
+
+
 def lr_at(step, cfg, total):
     """Linear warmup, then cosine decay to min_lr."""
     if step < cfg.warmup:
@@ -385,19 +399,12 @@ def train_sft(cfg, rank, world, device, log):
                "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}
         bar.set_postfix(loss=f"{loss_per_token:.3f}", tok_s=row["tokens_per_s"])
         bar.update()
-        if not cfg.sft_steps and step + 1 == start + TIMED_STEPS[0]:
-            t_timed = time.perf_counter()
-        if not cfg.sft_steps and step + 1 == start + TIMED_STEPS[1]:
-            now = time.perf_counter()
-            per_step = (now - t_timed) / (TIMED_STEPS[1] - TIMED_STEPS[0])
-            planned = torch.tensor(steps_in_budget(now - t_start, per_step, step + 1, cfg.sft_minutes))
-            if world > 1:  # every rank runs rank 0's plan
-                planned = planned.to(device)
-                dist.broadcast(planned, 0)
-            cfg = replace(cfg, sft_steps=int(planned))
-            stop, bar.total = cfg.stop_at or cfg.sft_steps, cfg.sft_steps
-            bar.write(f"sft: {per_step:.3f} s per step here, so {cfg.sft_steps} steps fill "
-                      f"--sft-minutes {cfg.sft_minutes:g} (to repeat this run: --sft-steps {cfg.sft_steps})")
+        if not cfg.sft_steps:  # a timed run: time TIMED_STEPS, then plan the rest of the budget
+            if step + 1 == start + TIMED_STEPS[0]:
+                t_timed = time.perf_counter()
+            elif step + 1 == start + TIMED_STEPS[1]:
+                cfg = plan_sft_steps(cfg, t_start, t_timed, step + 1, world, device, bar)
+                stop, bar.total = cfg.stop_at or cfg.sft_steps, cfg.sft_steps
         last = step + 1 == stop
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and rank == 0:
             row.update(evaluate(model, tok, cfg, cfg.eval_n))
