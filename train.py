@@ -217,8 +217,9 @@ def plan_sft_steps(cfg, t_start, t_timed, done, world, device, bar):
     if world > 1:
         dist.broadcast(planned, 0)
     cfg = replace(cfg, sft_steps=int(planned))
-    bar.write(f"sft: {per_step:.3f} s per step here, so {cfg.sft_steps} steps fill "
-              f"--sft-minutes {cfg.sft_minutes:g} (to repeat this run: --sft-steps {cfg.sft_steps})")
+    if not bar.disable:  # rank 0's bar only
+        bar.write(f"sft: {per_step:.3f} s per step here, so {cfg.sft_steps} steps fill "
+                  f"--sft-minutes {cfg.sft_minutes:g} (to repeat this run: --sft-steps {cfg.sft_steps})")
     return cfg
 
 
