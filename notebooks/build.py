@@ -838,8 +838,8 @@ TRAINING = [
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
     line of arithmetic) and then slowly. A model of this size needs thousands of steps to get the
     numbers right: the default `small` preset (1M parameters, `python train.py --stage sft`, which
-    fills a 12-minute budget: ~4,200 steps on a fast 2-core box) writes valid trajectories in 97%
-    of episodes and finds at least one correct expression in three quarters of them, but all four
+    fills a 12-minute budget: ~3,500 steps on a fast 2-core box) writes valid trajectories in 97%
+    of episodes and finds at least one correct expression in two thirds of them, but all four
     in only 1%: the organizer's copies of what its workers returned are the weak part now
     (`BENCHMARKS.md` keeps the current figures, `diagnose.py` the reasons).
 
