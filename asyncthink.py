@@ -247,11 +247,16 @@ class Executor:
     # ---- step 2: sample and run the state machines
     def sample_and_advance(self, threads, queue):
         logits = torch.stack([th.logits for th in threads]).float()  # (B, V)
-        logprobs = F.log_softmax(logits, dim=-1)
         if self.cfg.temperature == 0:
+            logprobs = F.log_softmax(logits, dim=-1)
             ids = logits.argmax(dim=-1)
         else:
+            # The log-probs recorded for RL are those of the distribution sampled from,
+            # softmax(logits / T): the loss scores the same one (grpo.policy_loss), so the
+            # rollout is on-policy and the first update's ratio is exactly 1 (RL samples
+            # without a top_k cut, which these log-probs do not include).
             scaled = logits / self.cfg.temperature
+            logprobs = F.log_softmax(scaled, dim=-1)
             if self.cfg.top_k is not None:
                 kth = torch.topk(scaled, min(self.cfg.top_k, scaled.size(-1))).values[:, -1:]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -427,11 +432,18 @@ def trajectory(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
 
 
 def score(row, answers):
-    """(number of distinct correct answers, whether the puzzle is fully solved)."""
+    """(number of distinct correct answers, whether the puzzle is fully solved). Only the
+    first k answers count (the first grid for Sudoku): an answer that lists every expression
+    it can think of would otherwise be a free lottery ticket for the verifier and the reward.
+
+    >>> row = {"task": "countdown", "numbers": [1, 2, 3], "target": 3, "k": 2}
+    >>> score(row, ["1+2", "2+1", "3*1", "3/1"])   # 2+1 is 1+2 again; 3*1 is past the first k
+    (1, False)
+    """
     if row["task"] == "countdown":
-        n = tasks.score_countdown(answers, row["numbers"], row["target"])
+        n = tasks.score_countdown(answers[:row["k"]], row["numbers"], row["target"])
         return n, n >= row["k"]
-    ok = any(tasks.check_sudoku(a, row["puzzle"]) is None for a in answers)
+    ok = bool(answers) and tasks.check_sudoku(answers[0], row["puzzle"]) is None
     return int(ok), ok
 
 

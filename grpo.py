@@ -10,19 +10,32 @@ join results the executor injected get no loss.
 
 Reward of one structure (paper, section "Reward"):
 
-    R = R_FE                        if the trajectory has any format error (a penalty, -1)
+    R = R_FE                        if the trajectory has any format error (a penalty, -0.5)
     R = R_A + lambda * R_eta        otherwise
-    R_A   = min(distinct correct, k) / k      (binary for Sudoku)
+    R_A   = min(distinct correct, k) / k      (binary for Sudoku; only the first k answers count)
     R_eta = min(eta / c, tau) / tau            (concurrency, capped at tau against hacking)
 
-Worked example, G = 4 structures of one countdown question (k = 4, c = 4, tau = 0.5, lambda = 0.2):
+The constants (the paper does not publish its own) are chosen so that each part says something
+at the start of RL. tau = 0.75: the SFT model already runs at eta ~2.35 of c = 4 (eta / c ~0.59),
+so tau = 0.5 paid R_eta = 1 to almost every structure and told RL nothing about structure; at
+0.75 the cap is eta = 3, above where the model starts. R_FE = -0.5: two answers' worth below a
+valid structure with none right (the paper's sign, not its size); -1 was four correct answers'
+worth, paid on T = 0.7 samples that break the format far more often than greedy ones, so fewer
+forks and shorter episodes were the cheapest way up the reward.
 
-    structure  format  correct  eta    R_A   R_eta              R
-    1          ok      4        2.0    1.0   min(.5,.5)/.5=1.0  1.0 + 0.2*1.0  = 1.20
-    2          ok      2        1.0    0.5   .25/.5 = 0.5       0.5 + 0.2*0.5  = 0.60
-    3          error   -        -      -     -                  -1.00
-    4          ok      0        1.6    0.0   .4/.5 = 0.8        0.0 + 0.2*0.8  = 0.16
-    mean 0.24, std (population) 0.806  ->  z-scored advantages  1.192  0.447  -1.539  -0.099
+Worked example, G = 4 structures of one countdown question (k = 4, c = 4, tau = 0.75, lambda = 0.2):
+
+    structure  format  correct  eta    R_A   R_eta               R
+    1          ok      4        2.0    1.0   min(.5,.75)/.75=.667  1.0 + 0.2*.667 = 1.133
+    2          ok      2        1.0    0.5   .25/.75 = .333        0.5 + 0.2*.333 = 0.567
+    3          error   -        -      -     -                     -0.500
+    4          ok      0        1.6    0.0   .4/.75 = .533         0.0 + 0.2*.533 = 0.107
+    mean 0.327, std (population) 0.600  ->  z-scored advantages  1.344  0.400  -1.378  -0.367
+
+A group whose rewards differ only by noise (eta 2.3401 against 2.3399, everything else tied)
+must not get full-size advantages, as a bare z-score would give it: the std is floored at
+STD_FLOOR = 0.1 (about the spread of one correct answer more in one of four structures), so such
+a group's advantages stay near 0 while real differences are z-scored as usual.
 
 The policy loss is PPO's clipped surrogate on each generated token t with ratio
 r_t = exp(logp_new - logp_old), logp_old being the log-probability the rollout recorded:
@@ -30,8 +43,13 @@ r_t = exp(logp_new - logp_old), logp_old being the log-probability the rollout r
     L = - mean_t  min(r_t * A, clip(r_t, 1-eps, 1+eps) * A)   (+ kl_coef * KL to the SFT model)
 
 Rollouts sample at a temperature T (0.7 by default: an SFT model exact at T = 0 breaks its own
-format far more often at T = 1); logp_old is the UNtempered policy's log-probability of the
-sampled token, the one the loss differentiates, so the first inner update's ratio is exactly 1.
+format far more often at T = 1), so the policy being trained IS the tempered one,
+softmax(logits / T): the executor records its log-probabilities, and the loss, the entropy and
+the KL all score logits / T. Scoring the untempered softmax(logits) instead would follow neither
+policy's gradient: it sharpens every uncertain token where A > 0 and flattens it where A < 0, a
+drift that grows step after step while the accuracy signal averages out. Greedy evaluation is
+unchanged (the argmax of logits / T is the argmax of logits), and the first inner update's ratio
+is exactly 1 (tests/test_grpo.py).
 
 Normalization across the threads of a structure: token-level. The mean runs over all generated
 tokens of the batch, whatever thread they belong to, so each token counts once: a 500-token
@@ -58,7 +76,7 @@ class Reward:
     format_error: bool
 
 
-def reward(rec, capacity, tau=0.5, lam=0.2, format_penalty=-1.0):
+def reward(rec, capacity, tau=0.75, lam=0.2, format_penalty=-0.5):
     """The reward of one structure from its executor record (see the module docstring)."""
     if rec["format_errors"]:
         return Reward(format_penalty, 0.0, 0.0, True)
@@ -68,24 +86,35 @@ def reward(rec, capacity, tau=0.5, lam=0.2, format_penalty=-1.0):
     return Reward(r_a + lam * r_eta, r_a, r_eta, False)
 
 
-def advantages(rewards, group, kind="zscore", eps=1e-6):
-    """Group-relative advantages: rewards come in consecutive groups of `group` structures of
-    the same question. 'zscore': (R - mean) / std; 'mean': R - mean. A group whose rewards
-    are all equal teaches nothing: its advantages are exactly 0 (and it is skipped).
+STD_FLOOR = 0.1  # see the module docstring: noise-level differences get near-0 advantages
 
-    >>> [round(a, 3) for a in advantages([1.2, 0.6, -1.0, 0.16], 4)]
-    [1.192, 0.447, -1.539, -0.099]
+
+def advantages(rewards, group, kind="zscore", std_floor=STD_FLOOR):
+    """Group-relative advantages: rewards come in consecutive groups of `group` structures of
+    the same question. 'zscore': (R - mean) / max(std, std_floor); 'mean': R - mean. A group
+    whose rewards are all equal teaches nothing: its advantages are exactly 0 (and it is skipped).
+
+    >>> [round(a, 3) for a in advantages([1.1333, 0.5667, -0.5, 0.1067], 4)]
+    [1.344, 0.4, -1.378, -0.367]
+    >>> [round(a, 4) for a in advantages([0.5001, 0.4999], 2)]   # noise: (R - mean) / 0.1
+    [0.001, -0.001]
     """
     out = []
     for g in range(0, len(rewards), group):
         rs = torch.tensor(rewards[g:g + group], dtype=torch.float64)
         centered = rs - rs.mean()
-        std = rs.std(unbiased=False)
-        if std < eps:
+        if bool((rs == rs[0]).all()):
             out += [0.0] * len(rs)
         else:
-            out += (centered / std if kind == "zscore" else centered).tolist()
+            out += (centered / rs.std(unbiased=False).clamp(min=std_floor) if kind == "zscore"
+                    else centered).tolist()
     return out
+
+
+def skipped_groups(advs, group):
+    """The share of groups that teach nothing: every advantage of the group is 0."""
+    groups = [advs[g:g + group] for g in range(0, len(advs), group)]
+    return sum(all(a == 0.0 for a in g) for g in groups) / max(1, len(groups))
 
 
 # -----------------------------------------------------------------------------
@@ -155,20 +184,22 @@ def thread_batches(episodes, advs, max_tokens):
     return pack(seqs, max_tokens, (0, -1, 0.0, 0.0)) if seqs else []
 
 
-def target_logprobs(logits, y):
-    """log p(y_t) at every position (B, T) from logits (B, T, V); -1 targets read token 0."""
-    return F.log_softmax(logits.float(), dim=-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+def target_logprobs(logits, y, temperature=1.0):
+    """log p(y_t) at every position (B, T) under softmax(logits / temperature), logits (B, T, V);
+    -1 targets read token 0."""
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp_all.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
 
 
-def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None):
+def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None, temperature=1.0):
     """Clipped surrogate summed over generated tokens (divide by their count outside), and
     statistics: summed KL (k3 estimator, to the reference model whose target_logprobs are
     ref_logp: they do not change between inner updates, so they are computed once), clipped
-    count, entropy."""
+    count, entropy. Everything scores the sampled policy softmax(logits / temperature)."""
     mask = y != -1
-    logp_all = F.log_softmax(logits.float(), dim=-1)
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp_all.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    ratio = torch.exp(logp - old)
+    ratio = torch.exp((logp - old).masked_fill(~mask, 0.0))  # masked positions: ratio 1, never inf
     a = (adv[:, None] if adv.dim() == 1 else adv).to(logp.dtype)  # one per row (B,) or per token (B, T)
     surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
     loss = -(surrogate * mask).sum()
@@ -176,7 +207,9 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None):
              "entropy": -(logp_all.exp() * logp_all).sum(-1)[mask].sum().item()}
     kl = torch.zeros((), device=logits.device)
     if ref_logp is not None:
-        kl = ((torch.exp(ref_logp - logp) - (ref_logp - logp) - 1) * mask).sum()
+        # masked positions get a log-ratio of 0 BEFORE exp: exp(big) * 0 would be inf * 0 = NaN
+        log_r = (ref_logp - logp).masked_fill(~mask, 0.0)
+        kl = (torch.exp(log_r) - log_r - 1).sum()
     return loss, kl, stats
 
 

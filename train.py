@@ -92,9 +92,9 @@ class TrainConfig:
     temperature: float = 0.7        # rollouts: at 1.0 the default SFT model broke the format in
                                     # 84% of episodes (34% greedy), at 0.7 in 50%: 1.0 leaves RL
                                     # groups of format penalties only
-    tau: float = 0.5                # concurrency reward threshold
+    tau: float = 0.75               # concurrency reward cap on eta / c (grpo.py: why not 0.5)
     lam: float = 0.2                # concurrency reward weight
-    format_penalty: float = -1.0
+    format_penalty: float = -0.5    # grpo.py: why not -1
     advantage: str = "zscore"       # zscore | mean
     no_concurrency_reward: bool = False
     from_scratch: bool = False      # RL without SFT (ablation)
@@ -444,6 +444,21 @@ def load_policy(cfg, device):
     return model, tok, None
 
 
+def reference_policy(cfg, model, device):
+    """The frozen policy RL started from, for the KL penalty: the run's sft.pt (also when RL
+    resumes from rl.pt: the reference must not move with the policy), else (--from-scratch)
+    a copy of the starting weights, rebuilt from the seed on a resume."""
+    sft_path = os.path.join(cfg.run_dir, "sft.pt")
+    if not cfg.from_scratch and os.path.exists(sft_path):
+        ref, _ = A.load_model(sft_path, device)
+    elif cfg.from_scratch and cfg.resume:
+        ref, _ = build_model(cfg, P.Tokenizer.numbers(), device)
+    else:
+        ref = type(model)(model.config).to(device)
+        ref.load_state_dict(model.state_dict())
+    return ref.eval().requires_grad_(False)
+
+
 def all_mean(values, world, device):
     """Means over all ranks of a dict of floats."""
     if world == 1:
@@ -457,11 +472,7 @@ def train_rl(cfg, rank, world, device, log):
     from tqdm import tqdm
     model, tok, ckpt = load_policy(cfg, device)
     path = os.path.join(cfg.run_dir, "rl.pt")
-    ref = None
-    if cfg.kl_coef > 0:  # the frozen starting policy, for the KL penalty
-        ref = type(model)(model.config).to(device)
-        ref.load_state_dict(model.state_dict())
-        ref.eval().requires_grad_(False)
+    ref = reference_policy(cfg, model, device) if cfg.kl_coef > 0 else None
     optimizer = make_optimizer(model, cfg.rl_lr, 0.0)
     rng = random.Random(cfg.seed * 7919 + rank)  # each rank draws its own questions
     start = resume_from(ckpt, optimizer, rng, path, "RL", rank)
@@ -488,17 +499,25 @@ def train_rl(cfg, rank, world, device, log):
                         torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
         n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _, _ in batches))
         batches = [tuple(t.to(device) for t in batch) for batch in batches]
+        T = cfg.temperature
         ref_logp = [None] * len(batches)
         if ref is not None:  # the reference's log-probs, once for all inner updates
             with torch.no_grad(), autocast:
-                ref_logp = [grpo.target_logprobs(ref(x, segments=seg), y) for x, y, _, _, seg in batches]
+                ref_logp = [grpo.target_logprobs(ref(x, segments=seg), y, T) for x, y, _, _, seg in batches]
+        if cfg.dtype != "float32":
+            # Rollouts decode in float32; under bf16 autocast the update's forward would read
+            # the same tokens ~1e-2 differently, so its first ratio would not be 1. Recompute
+            # the old log-probs with the update's own forward (once, before any change).
+            with torch.no_grad(), autocast:
+                batches = [(x, y, grpo.target_logprobs(fwd(x, segments=seg), y, T), adv, seg)
+                           for x, y, _, adv, seg in batches]
         stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
         for inner in range(cfg.inner_updates):
             for j, (x, y, old, adv, seg) in enumerate(batches):
                 sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
                 with sync, autocast:
                     loss, kl, s = grpo.policy_loss(fwd(x, segments=seg), y, old, adv, cfg.clip_eps,
-                                                   ref_logp[j])
+                                                   ref_logp[j], temperature=T)
                     ((loss + cfg.kl_coef * kl) / n_gen).backward()
                 if inner == cfg.inner_updates - 1:  # statistics of the last pass
                     stats["loss"] += loss.item() / n_gen
@@ -525,7 +544,7 @@ def train_rl(cfg, rank, world, device, log):
             "latency": sum(rec["latency"] for rec in records) / n,
             "eta": sum(rec["concurrency"] for rec in records) / n,
             "forks": sum(len(ep.organizer.children) for ep in episodes) / n,
-            "skipped_groups": sum(a == 0.0 for a in advs[::cfg.group]) / max(1, len(advs[::cfg.group])),
+            "skipped_groups": grpo.skipped_groups(advs, cfg.group),
             **stats,
             "rollout_tokens_per_s": gen_tokens / t_rollout,
             "rollout_s": t_rollout, "update_s": t_update}, world, device)

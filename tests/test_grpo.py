@@ -13,8 +13,18 @@ def rec(n_correct, eta, errors=(), task="countdown", k=4):
     return {"task": task, "k": k, "n_correct": n_correct, "concurrency": eta, "format_errors": list(errors)}
 
 
+def test_reward_defaults_by_hand():
+    # the defaults: tau = 0.75, lambda = 0.2, format penalty -0.5 (the module docstring's table)
+    assert grpo.reward(rec(4, 2.0), 4).total == pytest.approx(1.0 + 0.2 * 0.5 / 0.75)
+    assert grpo.reward(rec(0, 1.6), 4).concurrency == pytest.approx(0.4 / 0.75)
+    assert grpo.reward(rec(0, 3.5), 4).concurrency == 1.0          # eta / c = 0.875 is past the cap
+    # the SFT model's eta ~2.35 of c = 4 is below the cap: R_eta still grows with eta
+    assert grpo.reward(rec(0, 2.4), 4).concurrency > grpo.reward(rec(0, 2.3), 4).concurrency
+    assert grpo.reward(rec(4, 2.0, ["unjoined-fork: ..."]), 4).total == -0.5
+
+
 def test_reward_parts_by_hand():
-    # tau = 0.5, lambda = 0.2, c = 4 (the module docstring's table)
+    # tau = 0.5, lambda = 0.2, c = 4 (given explicitly)
     r = grpo.reward(rec(4, 2.0), 4, 0.5, 0.2)
     assert (r.accuracy, r.concurrency, r.format_error) == (1.0, 1.0, False) and r.total == pytest.approx(1.2)
     r = grpo.reward(rec(2, 1.0), 4, 0.5, 0.2)
@@ -38,6 +48,17 @@ def test_advantages_by_hand():
     assert grpo.advantages(rewards, 4, "mean") == pytest.approx([0.96, 0.36, -1.24, -0.08])
     # two groups, the second without variance: zeros, so it is skipped
     assert grpo.advantages([1.0, 0.0, 0.5, 0.5], 2) == pytest.approx([1.0, -1.0, 0.0, 0.0])
+    # a group that differs by noise only: std 1e-4 is floored at 0.1, so advantages are +-1e-3,
+    # not the +-1 a bare z-score gives
+    assert grpo.advantages([0.3001, 0.2999], 2) == pytest.approx([1e-3, -1e-3])
+    assert grpo.advantages([0.3001, 0.2999], 2, std_floor=1e-9) == pytest.approx([1.0, -1.0])
+
+
+def test_skipped_groups_counts_groups_with_every_advantage_zero():
+    # group 1 all zero (skipped); group 2 starts with a zero but teaches (not skipped); group 3 skipped
+    advs = [0.0, 0.0, 0.0, 0.0, 1.2, -1.2, 0.0, 0.0, 0.0]
+    assert grpo.skipped_groups(advs, 3) == pytest.approx(2 / 3)
+    assert grpo.skipped_groups([], 3) == 0.0
 
 
 def test_policy_loss_by_hand():
@@ -64,6 +85,48 @@ def test_policy_loss_by_hand():
     ref_logp = torch.tensor([[logp + math.log(2), logp - math.log(2), 5.0]])
     _, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logp=ref_logp)
     assert kl.item() == pytest.approx(0.5)
+    # a huge reference log-prob at the masked position: exp(1000) * 0 would be NaN; it adds nothing
+    ref_logp[0, 2] = 1000.0
+    old[0, 2] = -1000.0  # and a masked old log-prob that would make the ratio overflow
+    loss, kl, _ = grpo.policy_loss(logits, y, old, adv, 0.2, ref_logp=ref_logp)
+    assert kl.item() == pytest.approx(0.5) and math.isfinite(loss.item())
+
+
+def test_policy_loss_scores_the_tempered_policy():
+    # logits (0, log 3) over 2 tokens: at T = 1, p = (1/4, 3/4); at T = 0.5, softmax(0, 2 log 3)
+    # = (1/10, 9/10). Token 1 sampled with its tempered old log-prob: ratio 1, loss -A.
+    logits = torch.tensor([[[0.0, math.log(3)]]])
+    y, adv = torch.tensor([[1]]), torch.tensor([1.0])
+    assert grpo.target_logprobs(logits, y, 0.5).item() == pytest.approx(math.log(0.9))
+    loss, _, stats = grpo.policy_loss(logits, y, torch.tensor([[math.log(0.9)]]), adv, 0.2, temperature=0.5)
+    assert loss.item() == pytest.approx(-1.0) and stats["clipped"] == 0
+    # entropy of the tempered policy (0.1, 0.9)
+    assert stats["entropy"] == pytest.approx(-(0.1 * math.log(0.1) + 0.9 * math.log(0.9)))
+    # scored untempered against the same record, the ratio would be (3/4) / (9/10) = 5/6: clipped
+    loss, _, stats = grpo.policy_loss(logits, y, torch.tensor([[math.log(0.9)]]), adv, 0.1)
+    assert loss.item() == pytest.approx(-5 / 6) and stats["clipped"] == 1
+
+
+def test_first_ratio_is_one_on_real_tempered_rollouts():
+    """Rollouts sampled at T = 0.7 by the executor (cached decoding), then the update's full
+    forward over the packed threads: the ratio of every generated token is 1 to float precision
+    when both score softmax(logits / T), and visibly not 1 if the loss scored T = 1."""
+    from test_executor import ROWS, tiny_model, tok
+    model = tiny_model()
+    cfg = A.RunConfig(mode="async", capacity=4, temperature=0.7, seed=3, max_worker_tokens=40,
+                      max_organizer_tokens=60)
+    eps = A.Executor(model, tok, cfg).run(ROWS * 3)
+    batches = grpo.thread_batches(eps, [1.0] * len(eps), max_tokens=10_000)
+    n = 0
+    with torch.no_grad():
+        for x, y, old, adv, seg in batches:
+            mask = y != -1
+            logits = model(x, segments=seg)
+            new = grpo.target_logprobs(logits, y, 0.7)
+            assert torch.allclose(new[mask], old[mask], atol=1e-4)
+            assert (grpo.target_logprobs(logits, y, 1.0)[mask] - old[mask]).abs().max() > 1e-2
+            n += int(mask.sum())
+    assert n > 50
 
 
 def test_thread_batches_mask_prompts_and_injected_tokens():
@@ -98,3 +161,14 @@ def test_thread_batches_mask_prompts_and_injected_tokens():
                     if not inj:
                         assert target == th.out[k] and olds[n_prompt + k - 1].item() == pytest.approx(lp)
     assert not unmatched  # every thread is in the batches, once
+
+
+def test_only_the_first_k_answers_are_scored():
+    # numbers 1 2 3 4, target 5, k = 2: a shotgun of five answers, two correct ones past the first k
+    row = {"task": "countdown", "numbers": [1, 2, 3, 4], "target": 5, "k": 2}
+    assert A.score(row, ["1+4", "1+1", "2+3", "4+1"]) == (1, False)   # "2+3" is third
+    assert A.score(row, ["1+4", "2+3", "9", "1+1"]) == (2, True)
+    sudoku = {"task": "sudoku", "puzzle": "1234341221434321"}
+    assert A.score(sudoku, ["1234341221434321"]) == (1, True)
+    assert A.score(sudoku, ["1111111111111111", "1234341221434321"]) == (0, False)  # first grid only
+    assert A.score(sudoku, []) == (0, False)

@@ -240,3 +240,19 @@ def test_timed_sft_plans_its_steps_and_a_resume_keeps_the_plan(tmp_path):
         r = run("--stage", "sft", *TINY, "--run-dir", str(tmp_path / "refused"), *flags)
         assert r.returncode == 2 and "--sft-steps must be >= 0" in r.stderr
         assert not (tmp_path / "refused").exists()
+
+
+def test_rl_reference_is_the_sft_model_also_on_resume(sft_run, tmp_path):
+    """The KL reference is sft.pt, whether RL starts or resumes from rl.pt (whose weights
+    have moved): a resumed run must not pull toward its own last checkpoint."""
+    d, _ = sft_run
+    (tmp_path / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
+    moved, _ = M.load_checkpoint(str(tmp_path / "sft.pt"))
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.add_(0.5)
+    cfg = train.TrainConfig(stage="rl", preset="tiny", model="tiny", run_dir=str(tmp_path), resume=True)
+    ref = train.reference_policy(cfg, moved, "cpu")
+    sft = weights(tmp_path / "sft.pt")
+    assert all(torch.equal(v, sft[k]) for k, v in ref.state_dict().items())
+    assert not any(p.requires_grad for p in ref.parameters())
