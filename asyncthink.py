@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import compare
 import protocol as P
 import tasks
 import traces
@@ -641,9 +642,13 @@ def main(argv=None):
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     sub.add_parser("bench", help="speed benchmarks (see bench.py)", add_help=False)
-    if (argv if argv is not None else sys.argv[1:])[:1] == ["bench"]:
+    sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)
+    argv = argv if argv is not None else sys.argv[1:]
+    if argv[:1] == ["bench"]:
         import bench
-        return bench.main((argv if argv is not None else sys.argv[1:])[1:])
+        return bench.main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
     args = ap.parse_args(argv)
     try:
         if args.command == "init":
