@@ -266,8 +266,33 @@ class Log:
                 f.write(json.dumps(row) + "\n")
 
 
+def smooth(ys, window):
+    """Trailing running mean over `window` points: smooth([1, 3, 5, 7], 2) -> [1, 2, 4, 6]."""
+    return [sum(ys[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(ys))]
+
+
+# (stage, title, y label, [(metric, legend)]): one panel each, drawn when its stage logged it
+PANELS = [
+    ("sft", "SFT: training loss", "nats per trained token", [("loss", "loss")]),
+    ("sft", "SFT: greedy on validation puzzles", "share of puzzles",
+     [("eval_format_ok", "format valid"), ("eval_ge1", ">=1 correct"), ("eval_all", "all correct")]),
+    ("rl", "RL: accuracy", "share of puzzles",
+     [("reward_accuracy", "R_A (sampled)"), ("eval_ge1", ">=1 (greedy, val)"), ("eval_all", "all correct (greedy, val)")]),
+    ("rl", "RL: reward and its parts", "reward",
+     [("reward", "R (total)"), ("reward_accuracy", "R_A"), ("reward_concurrency", "R_eta")]),
+    ("rl", "RL: structure", "eta / c", [("eta_over_c", "eta / c (sampled)")]),
+    ("rl", "RL: length", "decode steps / tokens", [("latency", "latency (critical path)"), ("tokens", "tokens per episode")]),
+    ("rl", "RL: format errors and dead groups", "share",
+     [("format_error_rate", "format errors (sampled)"), ("skipped_groups", "groups with no signal")]),
+    ("rl", "RL: policy drift", "nats per token", [("entropy", "entropy"), ("kl", "KL to SFT")]),
+    ("rl", "RL: clipped ratios", "share of tokens", [("clipped", "clipped")]),
+]
+
+
 def plot_curves(run_dir):
-    """curves.png: every logged metric of both stages against the step."""
+    """curves.png: a grid of the run's curves against the step, raw (faint) and smoothed, so that
+    a student sees what SFT and RL changed: SFT's loss and validation accuracy, then RL's
+    accuracy, reward parts, eta / c, latency and tokens, format errors, entropy and KL."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -275,22 +300,36 @@ def plot_curves(run_dir):
     if not os.path.exists(path):
         return None
     rows = [json.loads(line) for line in open(path)]
-    panels = [("sft", "loss", "SFT loss (nats/token)"), ("sft", "eval_all", "SFT: all correct (val)"),
-              ("rl", "reward", "RL reward"), ("rl", "accuracy", "RL accuracy (R_A)"),
-              ("rl", "latency", "RL latency (steps)"), ("rl", "eta", "RL concurrency eta")]
-    panels = [p for p in panels if any(r.get("stage") == p[0] and p[1] in r for r in rows)]
+    has = lambda stage, key: any(r.get("stage") == stage and key in r for r in rows)
+    panels = [p for p in PANELS if any(has(p[0], key) for key, _ in p[3])]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (stage, key, title) in zip(axes[0], panels):
-        pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
-        ax.set_title(title, fontsize=9)
+    cols = min(3, len(panels))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.3 * nrows), squeeze=False)
+    for ax, (stage, title, ylabel, series) in zip(axes.flat, panels):
+        for key, label in series:
+            pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and key in r]
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if len(pts) < 12 or key.startswith("eval_"):  # few points: each one drawn
+                ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            else:
+                raw, = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, smooth(ys, max(3, len(ys) // 10)), color=raw.get_color(), label=label)
+        if stage == "sft" and series[0][0] == "loss":
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"{stage.upper()} step")
-        ax.set_ylabel(key)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     out = os.path.join(run_dir, "curves.png")
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
 
@@ -543,6 +582,8 @@ def train_rl(cfg, rank, world, device, log):
             "accuracy": sum(rec["correct"] for rec in records) / n,
             "latency": sum(rec["latency"] for rec in records) / n,
             "eta": sum(rec["concurrency"] for rec in records) / n,
+            "eta_over_c": sum(rec["concurrency"] for rec in records) / n / cfg.capacity,
+            "tokens": gen_tokens / n,
             "forks": sum(len(ep.organizer.children) for ep in episodes) / n,
             "skipped_groups": grpo.skipped_groups(advs, cfg.group),
             **stats,
