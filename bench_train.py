@@ -90,10 +90,11 @@ def padded_batches(seqs, micro_tokens, pad_id):
 
 
 def bare_step(fwd, model, opt, batches, device="cpu", autocast=nullcontext()):
-    """nanoGPT: forward, backward, clip, step (batches of (x, y) or (x, y, segments))."""
-    for x, y, *seg in batches:
+    """nanoGPT: forward, backward, clip, step (batches of (x, y) padded, or train.micro_batches'
+    packed (x, y, weights, segments): every weight there is 1, so the plain mean is the same loss)."""
+    for x, y, *rest in batches:
         with autocast:
-            _, loss = fwd(x.to(device), y.to(device), segments=seg[0].to(device) if seg else None)
+            _, loss = fwd(x.to(device), y.to(device), segments=rest[-1].to(device) if rest else None)
             loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

@@ -77,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     hint_share: float = 0.5
+    organizer_weight: float = 1.0   # loss weight of the organizer's tokens (forks, tallies, answer)
     copy_drills: int = 0            # tally drills per countdown trace (traces.tally_drill): they
                                     # grow a copy head, but cost steps; off at 15 min (BENCHMARKS.md)
     # RL (defaults: <= 20 minutes on 2 CPU cores: ~22 s per step, rollout 10-15 s, update ~7 s;
@@ -139,22 +140,28 @@ def new_puzzle(cfg, task, rng, split="train"):
 
 
 def sft_sequences(cfg, tok, rng, n_episodes, block_size):
-    """Threads of n_episodes fresh traces, as (ids, mask) pairs cut to the block size."""
+    """Threads of n_episodes fresh traces, as (ids, weights) pairs cut to the block size: a
+    token's loss weight is 0 where it is not trained (prompts, injected join results),
+    cfg.organizer_weight in the organizer's thread (the first of a trace), 1 elsewhere."""
     seqs = []
     for _ in range(n_episodes):
         row = new_puzzle(cfg, task_of(cfg, rng), rng)
         trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share)
-        seqs += [(ids[:block_size + 1], mask[:block_size + 1]) for ids, mask in trace.sequences(tok)]
+        for j, (ids, mask) in enumerate(trace.sequences(tok)):
+            w = cfg.organizer_weight if j == 0 else 1.0
+            seqs.append((ids[:block_size + 1], [w * m for m in mask[:block_size + 1]]))
         if row["task"] == "countdown":
             seqs += [traces.encode(traces.tally_drill(row["numbers"], rng), tok) for _ in range(cfg.copy_drills)]
     return seqs
 
 
 def micro_batches(seqs, micro_tokens, pad_id):
-    """A step's (ids, mask) sequences packed into micro-batches (grpo.pack): [(x, y, segments)],
-    each (B, T); y is x shifted by one within each sequence, -1 where there is no loss."""
-    pairs = [(ids[:-1], [t if m else -1 for t, m in zip(ids[1:], mask[1:])]) for ids, mask in seqs]
-    return grpo.pack(pairs, micro_tokens, (pad_id, -1))
+    """A step's (ids, weights) sequences packed into micro-batches (grpo.pack): [(x, y, w,
+    segments)], each (B, T); y is x shifted by one within each sequence, -1 where there is no
+    loss; w the loss weight of each target (0 where y is -1)."""
+    triples = [(ids[:-1], [t if m else -1 for t, m in zip(ids[1:], w[1:])], [float(m) for m in w[1:]])
+               for ids, w in seqs]
+    return grpo.pack(triples, micro_tokens, (pad_id, -1, 0.0))
 
 
 # -----------------------------------------------------------------------------
@@ -385,24 +392,26 @@ def wrap(model, cfg, world, device):
 
 
 def sft_step(fwd, model, optimizer, batches, cfg, device, ddp=None, autocast=nullcontext()):
-    """One optimizer step over a step's micro-batches: the loss is the sum over trained tokens
-    divided by their count (every token weighs the same, whatever its batch). With DDP the
-    gradients are synchronized on the last micro-batch only. Returns (loss/token, grad norm)."""
-    n_target = sum(int((y != -1).sum()) for _, y, _ in batches)
+    """One optimizer step over a step's micro-batches: the loss is the weighted sum over trained
+    tokens divided by the sum of their weights (a weighted mean per token, whatever its batch;
+    with every weight 1, the plain mean). With DDP the gradients are synchronized on the last
+    micro-batch only. Returns (weighted loss per token, grad norm)."""
+    w_total = sum(float(w.sum()) for _, _, w, _ in batches)
     total = 0.0
-    for j, (x, y, seg) in enumerate(batches):
-        x, y, seg = x.to(device), y.to(device), seg.to(device)
+    for j, (x, y, w, seg) in enumerate(batches):
+        x, y, w, seg = x.to(device), y.to(device), w.to(device), seg.to(device)
         sync = ddp.no_sync() if isinstance(ddp, DDP) and j < len(batches) - 1 else nullcontext()
         with sync, autocast:
-            _, loss = fwd(x, y, reduction="sum", segments=seg)
-            (loss / n_target).backward()
+            _, loss = fwd(x, y, reduction="none", segments=seg)
+            loss = (loss * w).sum()
+            (loss / w_total).backward()
         total += loss.item()
     if not math.isfinite(total):
-        raise FloatingPointError(f"SFT loss is {total / n_target}")
+        raise FloatingPointError(f"SFT loss is {total / w_total}")
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / n_target, norm
+    return total / w_total, norm
 
 
 def train_sft(cfg, rank, world, device, log):
@@ -433,7 +442,7 @@ def train_sft(cfg, rank, world, device, log):
             loss_per_token, norm = sft_step(fwd, model, optimizer, batches, cfg, device, ddp, autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is kept at {path}")
-        n_tokens = sum(x.numel() for x, _, _ in batches)
+        n_tokens = sum(x.numel() for x, *_ in batches)
         row = {"stage": "sft", "step": step + 1, "loss": round(loss_per_token, 4),
                "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(float(norm), 3),
                "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}
@@ -638,7 +647,7 @@ def parse_args(argv=None):
     if cfg.sft_steps < 0 or cfg.sft_minutes <= 0:
         ap.error("--sft-steps must be >= 0 (0: fill --sft-minutes) and --sft-minutes > 0")
     for name in ("sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
-                 "inner_updates", "eval_n", "ckpt_every"):
+                 "inner_updates", "eval_n", "ckpt_every", "organizer_weight"):
         if getattr(cfg, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam"):

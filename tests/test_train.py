@@ -166,8 +166,9 @@ def test_micro_batches_pack_every_trained_token_once_and_keep_sequences_apart():
     expected = sorted((ids[t], ids[t + 1] if mask[t + 1] else -1) for ids, mask in seqs
                       for t in range(len(ids) - 1))
     got, padding = [], 0
-    for x, y, seg in batches:
-        assert x.shape == y.shape == seg.shape and x.shape[1] <= 5  # rows no longer than the longest
+    for x, y, w, seg in batches:
+        assert x.shape == y.shape == w.shape == seg.shape and x.shape[1] <= 5  # rows no longer than the longest
+        assert ((w > 0) == (y != -1)).all()  # a weight where there is a loss, 0 elsewhere
         for b in range(x.shape[0]):
             for s in seg[b].unique().tolist():
                 where = (seg[b] == s).nonzero().flatten()
@@ -178,7 +179,34 @@ def test_micro_batches_pack_every_trained_token_once_and_keep_sequences_apart():
                 else:
                     got += list(zip(x[b, where].tolist(), y[b, where].tolist()))
     assert sorted(got) == expected
-    assert padding == sum(x.numel() for x, _, _ in batches) - len(expected) == 0  # 5 | 3 2 | 1
+    assert padding == sum(x.numel() for x, _, _, _ in batches) - len(expected) == 0  # 5 | 3 2 | 1
+
+
+def test_organizer_weight_weighs_the_organizer_thread_only():
+    """--organizer-weight 3: every trained token of each trace's organizer (its first thread,
+    the one whose prompt is <ORGANIZER>) has weight 3, every worker token 1, prompts 0; and the
+    step's loss is the weighted mean (by hand: per-token losses 1 and 2 at weights 3 and 1 give
+    (3 + 2) / 4)."""
+    tok = P.Tokenizer.numbers()
+    cfg = train.parse_args(["--preset", "tiny", "--organizer-weight", "3"])
+    seqs = train.sft_sequences(cfg, tok, random.Random(0), 2, 1024)
+    for ids, w in seqs:
+        organizer = tok.decode(ids).startswith(P.ORGANIZER)
+        assert set(w) == {0.0, 3.0 if organizer else 1.0}
+    assert sum(tok.decode(ids).startswith(P.ORGANIZER) for ids, _ in seqs) == 2
+
+    class Fixed(torch.nn.Module):  # per-token losses 1 and 2, whatever the input
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.ones(()))
+        def forward(self, x, y, reduction, segments):
+            return None, self.p * torch.tensor([[1.0, 2.0, 5.0]])
+    m = Fixed()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    batch = (torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, 1, -1]]), torch.tensor([[3.0, 1.0, 0.0]]),
+             torch.zeros(1, 3, dtype=torch.long))
+    loss, _ = train.sft_step(m, m, opt, [batch], cfg, "cpu")
+    assert loss == pytest.approx(5 / 4)
 
 
 def test_evaluations_do_not_change_what_sft_trains(tmp_path):
