@@ -63,6 +63,8 @@ import torch
 import torch.nn.functional as F
 
 import asyncthink as A
+import protocol as P
+import tasks
 
 
 # -----------------------------------------------------------------------------
@@ -117,6 +119,55 @@ def skipped_groups(advs, group):
     return sum(all(a == 0.0 for a in g) for g in groups) / max(1, len(groups))
 
 
+def worker_reward(th, row, tok):
+    """Per-thread credit for one countdown worker that returned: +1 for every distinct correct
+    expression in its <RETURN>, -1 for every wrong one (checked against the episode's own
+    puzzle, not the sub-query the organizer wrote), -1 if the return does not parse; "none"
+    scores 0. None for a worker that never returned (stopped with its episode): it keeps the
+    structure's shared advantage."""
+    if th.state != "done":
+        return None
+    parts = P.parse_answer(tok.decode(th.result), "countdown")
+    if parts is None:
+        return -1.0
+    right = {tasks.canonical(p) for p in parts if tasks.check_countdown(p, row["numbers"], row["target"]) is None}
+    return float(len(right) - sum(tasks.check_countdown(p, row["numbers"], row["target"]) is not None
+                                  for p in parts))
+
+
+def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
+    """[[advantage of each thread] per episode]. credit 'shared' (the paper): every thread of a
+    structure gets the structure's advantage. credit 'thread': the organizer keeps it, and each
+    countdown worker that returned is scored by `worker_reward` against the workers of the same
+    question with the SAME sub-query in the other G - 1 structures (largest pairs are forked
+    first, so most sub-queries recur G times): (r - mean) / max(std, std_floor), 0 for a worker
+    whose sub-query no other structure asked. The organizer's answer is checked by the shared
+    reward; the workers' arithmetic gets a signal of its own, ~7 per structure instead of 1.
+
+    Worked example, G = 2 structures, both fork "12 8 of ..." (worker rewards +1 and -1: one
+    returned 12+8-1, the other 12+8+1) and one forks "9 3 of ..." alone: advantages +1 and -1
+    for the two (mean 0, std 1), 0 for the third."""
+    out = [[adv] * len(ep.threads) for ep, adv in zip(episodes, advs)]
+    if credit == "shared":
+        return out
+    for g in range(0, len(episodes), group):
+        by_query = {}  # sub-query ids -> [(episode, thread index, reward)]
+        for e in range(g, min(g + group, len(episodes))):
+            ep = episodes[e]
+            if ep.row["task"] != "countdown":
+                continue
+            for j, th in enumerate(ep.threads):
+                r = worker_reward(th, ep.row, tok) if th.role == "worker" else None
+                if r is not None:
+                    by_query.setdefault(tuple(th.prompt), []).append((e, j, r))
+        for members in by_query.values():
+            rs = torch.tensor([r for _, _, r in members], dtype=torch.float64)
+            a = (rs - rs.mean()) / rs.std(unbiased=False).clamp(min=std_floor)
+            for (e, j, _), value in zip(members, a.tolist()):
+                out[e][j] = value
+    return out
+
+
 # -----------------------------------------------------------------------------
 # Batches of threads, packed, and the policy loss
 
@@ -165,22 +216,22 @@ def pack(seqs, micro_tokens, pads):
 
 
 def thread_batches(episodes, advs, max_tokens):
-    """Every thread of every structure with a non-zero advantage, packed into micro-batches:
-    x (B, T) input ids; y (B, T) target ids, -1 where there is no loss (prompt, injected,
-    padding); old (B, T) the rollout's log-probs; adv (B, T) the structure's advantage at each
-    of its threads' tokens; segments (B, T) (see pack)."""
+    """Every thread with a non-zero advantage, packed into micro-batches: x (B, T) input ids;
+    y (B, T) target ids, -1 where there is no loss (prompt, injected, padding); old (B, T) the
+    rollout's log-probs; adv (B, T) the thread's advantage at each of its tokens; segments
+    (B, T) (see pack). advs: one advantage per episode (every thread shares it), or a list per
+    episode with one per thread (thread_advantages)."""
     seqs = []
     for ep, adv in zip(episodes, advs):
-        if adv == 0.0:
-            continue
-        for th in ep.threads:
-            if th.generated == 0:
+        per_thread = adv if isinstance(adv, list) else [adv] * len(ep.threads)
+        for th, a in zip(ep.threads, per_thread):
+            if th.generated == 0 or a == 0.0:
                 continue
             ids = th.prompt + th.out
             gen = [False] * len(th.prompt) + [not inj for inj in th.injected]
             old = [0.0] * len(th.prompt) + th.logprobs
             y = [t if g else -1 for t, g in zip(ids[1:], gen[1:])]
-            seqs.append((ids[:-1], y, old[1:], [adv] * (len(ids) - 1)))
+            seqs.append((ids[:-1], y, old[1:], [a] * (len(ids) - 1)))
     return pack(seqs, max_tokens, (0, -1, 0.0, 0.0)) if seqs else []
 
 

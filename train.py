@@ -97,6 +97,8 @@ class TrainConfig:
     lam: float = 0.2                # concurrency reward weight
     format_penalty: float = -0.5    # grpo.py: why not -1
     advantage: str = "zscore"       # zscore | mean
+    credit: str = "shared"          # shared (the paper: one advantage per structure) | thread
+                                    # (each worker's <RETURN> verified: grpo.thread_advantages)
     no_concurrency_reward: bool = False
     from_scratch: bool = False      # RL without SFT (ablation)
     max_organizer_tokens: int = 900
@@ -537,11 +539,12 @@ def train_rl(cfg, rank, world, device, log):
         episodes, records = grpo.rollout(model, tok, cfg, rows, seed=cfg.seed * 100003 + step * world + rank)
         rewards = [grpo.reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty) for r in records]
         advs = grpo.advantages([r.total for r in rewards], cfg.group, cfg.advantage)
+        thread_advs = grpo.thread_advantages(episodes, advs, cfg.group, cfg.credit, tok)
         t_rollout = time.perf_counter() - t0
 
         # 2. updates: PPO-clipped surrogate, token-level mean over generated tokens
         model.train()
-        batches = grpo.thread_batches(episodes, advs, cfg.micro_tokens)
+        batches = grpo.thread_batches(episodes, thread_advs, cfg.micro_tokens)
         if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
             batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
                         torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
@@ -657,6 +660,8 @@ def parse_args(argv=None):
         ap.error(f"--hint-share must lie in [0, 1], got {cfg.hint_share}")
     if cfg.dtype not in ("float32", "bfloat16"):
         ap.error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean"):
+        ap.error(f"--credit must be shared or thread and --advantage zscore or mean")
     if cfg.number_init not in ("fourier", "random"):
         ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":

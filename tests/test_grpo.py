@@ -172,3 +172,29 @@ def test_only_the_first_k_answers_are_scored():
     assert A.score(sudoku, ["1234341221434321"]) == (1, True)
     assert A.score(sudoku, ["1111111111111111", "1234341221434321"]) == (0, False)  # first grid only
     assert A.score(sudoku, []) == (0, False)
+
+
+def test_thread_credit_by_hand():
+    """credit 'thread': workers with the same sub-query in the G structures of one question are
+    ranked by their own verified <RETURN>; the organizer keeps the structure's advantage.
+    Puzzle 1..6 -> 3. Structure 0: worker 1 ("a") returns 1+2 (right: +1), worker 2 ("b")
+    returns none (0). Structure 1: worker 1 ("a") returns 2+4 (wrong: -1), worker 2 ("b")
+    returns 6/2, 1+2 (two right: +2), worker 3 ("c", asked only here) returns 5-2 (+1).
+    By hand: "a": rewards +1, -1 -> advantages +1, -1; "b": 0, +2 -> -1, +1; "c": alone -> 0."""
+    from test_executor import ANSWER, ROWS, fork, join, scripted, tiny_model, tok, worker_script
+    s0 = {0: fork(1, "a") + fork(2, "b") + join(1) + join(2) + ANSWER,
+          1: worker_script(2, "1+2"), 2: worker_script(1, "none")}
+    s1 = {0: fork(1, "a") + fork(2, "b") + fork(3, "c") + join(1) + join(2) + join(3) + ANSWER,
+          1: worker_script(2, "2+4"), 2: worker_script(3, "6/2, 1+2"), 3: worker_script(0, "5-2")}
+    cfg = A.RunConfig(mode="async", capacity=4)
+    eps = A.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([s0, s1]))
+    assert [grpo.worker_reward(th, ROWS[0], tok) for th in eps[1].threads[1:]] == [-1.0, 2.0, 1.0]
+    advs = grpo.thread_advantages(eps, [0.5, -0.5], 2, "thread", tok)
+    assert advs[0] == pytest.approx([0.5, 1.0, -1.0])
+    assert advs[1] == pytest.approx([-0.5, -1.0, 1.0, 0.0])
+    assert grpo.thread_advantages(eps, [0.5, -0.5], 2, "shared", tok) == [[0.5] * 3, [-0.5] * 4]
+    # the packed batches carry each thread's own advantage; the lone worker (0) is left out
+    batches = grpo.thread_batches(eps, advs, max_tokens=10_000)
+    got = sorted(round(a, 6) for *_, adv, seg in batches for b in range(seg.size(0))
+                 for s in seg[b].unique().tolist() if (a := adv[b][seg[b] == s][0].item()) != 0.0)
+    assert got == [-1.0, -1.0, -0.5, 0.5, 1.0, 1.0]
