@@ -847,21 +847,26 @@ TRAINING = [
 
     One reward per **structure** (a whole organizer + workers rollout), from its executor record:
 
-    * R = R_FE = −1 if the trajectory has any format error, else
-    * R = R_A + λ·R_η, with accuracy R_A = min(distinct correct, k) / k and concurrency
-      R_η = min(η / c, τ) / τ — capped at τ so that forking for its own sake stops paying.
+    * R = R_FE = −0.5 if the trajectory has any format error, else
+    * R = R_A + λ·R_η, with accuracy R_A = min(distinct correct, k) / k (only the first k answers
+      count) and concurrency R_η = min(η / c, τ) / τ — capped at τ so that forking for its own sake
+      stops paying.
 
-    Worked example: G = 4 structures of one question, k = 4, c = 4, τ = 0.5, λ = 0.2.
+    Worked example: G = 4 structures of one question, k = 4, c = 4, and the defaults τ = 0.75,
+    λ = 0.2, R_FE = −0.5.
 
     | structure | format | correct | η | R_A | R_η | R |
     |---|---|---|---|---|---|---|
-    | 1 | ok | 4 | 2.0 | 4/4 = 1.0 | min(2.0/4, 0.5)/0.5 = 1.0 | 1.0 + 0.2·1.0 = **1.20** |
-    | 2 | ok | 2 | 1.0 | 2/4 = 0.5 | min(1.0/4, 0.5)/0.5 = 0.5 | 0.5 + 0.2·0.5 = **0.60** |
-    | 3 | error | – | – | – | – | **−1.00** |
-    | 4 | ok | 0 | 1.6 | 0.0 | min(1.6/4, 0.5)/0.5 = 0.8 | 0.0 + 0.2·0.8 = **0.16** |
+    | 1 | ok | 4 | 2.0 | 4/4 = 1.0 | min(2.0/4, 0.75)/0.75 = 0.667 | 1.0 + 0.2·0.667 = **1.133** |
+    | 2 | ok | 2 | 1.0 | 2/4 = 0.5 | min(1.0/4, 0.75)/0.75 = 0.333 | 0.5 + 0.2·0.333 = **0.567** |
+    | 3 | error | – | – | – | – | **−0.500** |
+    | 4 | ok | 0 | 1.6 | 0.0 | min(1.6/4, 0.75)/0.75 = 0.533 | 0.0 + 0.2·0.533 = **0.107** |
 
-    Structure 4 answers nothing correctly yet earns 0.16 for thinking concurrently: λ keeps that
-    share small. Structure 1's η/c = 0.5 sits exactly at the cap τ.
+    Structure 4 answers nothing correctly yet earns 0.107 for thinking concurrently: λ keeps that
+    share small. Why τ = 0.75 and not 0.5: the SFT model already runs at η ≈ 2.35 of c = 4
+    (η/c ≈ 0.59); with τ = 0.5 nearly every structure would sit at the cap, R_η = 1, and the
+    reward would say nothing about structure. Why −0.5 and not −1: a penalty worth four correct
+    answers made "break the format less" (fewer forks, shorter episodes) the cheapest way up.
     """),
     code("""
     import grpo
@@ -871,10 +876,10 @@ TRAINING = [
 
     group = [record(4, 2.0), record(2, 1.0), record(0, 0.0, ["pool-overflow: <FORK-4> while 3 workers run (c=4)"]),
              record(0, 1.6)]
-    rewards = [grpo.reward(r, capacity=4, tau=0.5, lam=0.2, format_penalty=-1.0) for r in group]
+    rewards = [grpo.reward(r, capacity=4) for r in group]  # the defaults: tau 0.75, lam 0.2, R_FE -0.5
     for i, r in enumerate(rewards, 1):
-        print(f"structure {i}: R_A {r.accuracy:.2f}  R_eta {r.concurrency:.2f}  format error {r.format_error!s:5}  R {r.total:+.2f}")
-    assert [round(r.total, 10) for r in rewards] == [1.2, 0.6, -1.0, 0.16]
+        print(f"structure {i}: R_A {r.accuracy:.2f}  R_eta {r.concurrency:.3f}  format error {r.format_error!s:5}  R {r.total:+.3f}")
+    assert [round(r.total, 3) for r in rewards] == [1.133, 0.567, -0.5, 0.107]
     """),
     md("""
     ## Group-relative advantages, by hand
@@ -882,26 +887,37 @@ TRAINING = [
     GRPO needs no value network: a structure's advantage is its reward compared with the other
     structures **of the same question**, A = (R − mean) / std.
 
-    * mean = (1.20 + 0.60 − 1.00 + 0.16) / 4 = 0.96 / 4 = **0.24**
-    * deviations: 0.96, 0.36, −1.24, −0.08; squares: 0.9216, 0.1296, 1.5376, 0.0064
-    * std (population) = √(2.5952 / 4) = √0.6488 = **0.8055**
-    * A = 0.96/0.8055 = **1.192**, 0.36/0.8055 = **0.447**, −1.24/0.8055 = **−1.539**, −0.08/0.8055 = **−0.099**
+    * mean = (1.133 + 0.567 − 0.500 + 0.107) / 4 = 1.307 / 4 = **0.327**
+    * deviations: 0.807, 0.240, −0.827, −0.220; squares: 0.651, 0.058, 0.683, 0.048
+    * std (population) = √(1.440 / 4) = √0.360 = **0.600**
+    * A = 0.807/0.600 = **1.344**, 0.240/0.600 = **0.400**, −0.827/0.600 = **−1.378**, −0.220/0.600 = **−0.367**
 
     Every token that the model generated in structure 1 — in the organizer and in every worker —
-    is pushed up with weight 1.192; every token of structure 3 down with weight 1.539. If all G
-    rewards are equal (say, all −1), std = 0: the advantages are 0 and the group teaches nothing.
+    is pushed up with weight 1.344; every token of structure 3 down with weight 1.378. If all G
+    rewards are equal (say, all −0.5), the advantages are 0 and the group teaches nothing. And a
+    group that differs only by noise (η 2.3401 against 2.3399) must not get full-size advantages:
+    the std is floored at 0.1 (`grpo.STD_FLOOR`), so its advantages stay near 0.
+
+    `train.py --credit thread` adds what the paper's single reward cannot say: each worker's
+    `<RETURN>` is checked against the puzzle (+1 per correct expression, −1 per wrong one) and
+    ranked against the workers that got the same sub-query in the other structures of the group
+    (`grpo.thread_advantages`); the organizer keeps the structure's advantage.
     """),
     code("""
     advs = grpo.advantages([r.total for r in rewards], group=4)
     print([round(a, 3) for a in advs])
-    assert [round(a, 3) for a in advs] == [1.192, 0.447, -1.539, -0.099]
-    assert grpo.advantages([-1.0] * 4, group=4) == [0.0] * 4  # no variance, no signal
+    assert [round(a, 3) for a in advs] == [1.344, 0.4, -1.378, -0.367]
+    assert grpo.advantages([-0.5] * 4, group=4) == [0.0] * 4  # no variance, no signal
+    print("noise only:", [round(a, 4) for a in grpo.advantages([0.5001, 0.4999], group=2)])
     """),
     md("""
     ## The clipped policy loss, by hand
 
     For each generated token t, the ratio r_t = exp(log p_new − log p_old) compares the current
-    policy with the one that produced the rollout. PPO's clipped surrogate is
+    policy with the one that produced the rollout. Both are log-probabilities of the policy that
+    sampled, softmax(logits / T) at the rollout temperature T (`--temperature`, 0.7): scoring the
+    untempered softmax(logits) would train a different policy from the one that explored, and the
+    first update's ratio would not be 1. PPO's clipped surrogate is
 
     L = − Σ_t min(r_t·A, clip(r_t, 1 − ε, 1 + ε)·A)
 
@@ -987,7 +1003,7 @@ TRAINING = [
 
     Now the real thing: `python train.py --stage rl` starts from the SFT checkpoint in the same
     folder. Each step draws questions, rolls out G structures per question with the batched
-    executor (temperature 1), scores them, and updates. `metrics.jsonl` logs per step: the mean
+    executor (temperature 0.7), scores them, and updates. `metrics.jsonl` logs per step: the mean
     reward, the accuracy (share of fully solved puzzles), the latency (critical path, decoding steps),
     η, the format-error rate and the share of groups skipped because all their rewards were equal.
     """),
