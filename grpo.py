@@ -113,6 +113,19 @@ def advantages(rewards, group, kind="zscore", std_floor=STD_FLOOR):
     return out
 
 
+def rft_advantages(rewards):
+    """Rejection-sampling fine-tuning as a special case of the same loss, the baseline GRPO must
+    beat: advantage 1 for every structure that is valid and entirely correct (R_A = 1), 0 for
+    the rest. At the first inner update the ratio is 1, so the clipped surrogate's gradient is
+    the SFT gradient on the kept structures' tokens: supervised learning on the model's own
+    correct samples, with no contrast against its wrong ones.
+
+    >>> rft_advantages([Reward(1.13, 1.0, 0.67, False), Reward(0.95, 0.75, 1.0, False), Reward(-0.5, 0.0, 0.0, True)])
+    [1.0, 0.0, 0.0]
+    """
+    return [1.0 if r.accuracy == 1.0 and not r.format_error else 0.0 for r in rewards]
+
+
 def skipped_groups(advs, group):
     """The share of groups that teach nothing: every advantage of the group is 0."""
     groups = [advs[g:g + group] for g in range(0, len(advs), group)]

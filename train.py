@@ -96,7 +96,8 @@ class TrainConfig:
     tau: float = 0.75               # concurrency reward cap on eta / c (grpo.py: why not 0.5)
     lam: float = 0.2                # concurrency reward weight
     format_penalty: float = -0.5    # grpo.py: why not -1
-    advantage: str = "zscore"       # zscore | mean
+    advantage: str = "zscore"       # zscore | mean | rft (rejection-sampling fine-tuning: the
+                                    # baseline, grpo.rft_advantages)
     credit: str = "shared"          # shared (the paper: one advantage per structure) | thread
                                     # (each worker's <RETURN> verified: grpo.thread_advantages)
     no_concurrency_reward: bool = False
@@ -538,7 +539,10 @@ def train_rl(cfg, rank, world, device, log):
         rows = [q for q in questions for _ in range(cfg.group)]
         episodes, records = grpo.rollout(model, tok, cfg, rows, seed=cfg.seed * 100003 + step * world + rank)
         rewards = [grpo.reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty) for r in records]
-        advs = grpo.advantages([r.total for r in rewards], cfg.group, cfg.advantage)
+        if cfg.advantage == "rft":
+            advs = grpo.rft_advantages(rewards)
+        else:
+            advs = grpo.advantages([r.total for r in rewards], cfg.group, cfg.advantage)
         thread_advs = grpo.thread_advantages(episodes, advs, cfg.group, cfg.credit, tok)
         t_rollout = time.perf_counter() - t0
 
@@ -660,8 +664,8 @@ def parse_args(argv=None):
         ap.error(f"--hint-share must lie in [0, 1], got {cfg.hint_share}")
     if cfg.dtype not in ("float32", "bfloat16"):
         ap.error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean"):
-        ap.error(f"--credit must be shared or thread and --advantage zscore or mean")
+    if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean", "rft"):
+        ap.error("--credit must be shared or thread, and --advantage zscore, mean or rft")
     if cfg.number_init not in ("fourier", "random"):
         ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":

@@ -92,6 +92,9 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--ckpt-every", "0", "--ckpt-every must be positive"),
     ("--hint-share", "1.5", "--hint-share must lie in [0, 1]"),
     ("--dtype", "float16", "--dtype must be float32 or bfloat16"),
+    ("--credit", "organizer", "--credit must be shared or thread"),
+    ("--advantage", "best", "--advantage zscore, mean or rft"),
+    ("--organizer-weight", "0", "--organizer-weight must be positive"),
 ])
 def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -284,3 +287,16 @@ def test_rl_reference_is_the_sft_model_also_on_resume(sft_run, tmp_path):
     sft = weights(tmp_path / "sft.pt")
     assert all(torch.equal(v, sft[k]) for k, v in ref.state_dict().items())
     assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_rl_with_thread_credit_and_rft_runs(sft_run, tmp_path):
+    """Both RL options run end to end on the tiny preset and log the per-step picture."""
+    d, _ = sft_run
+    for flags in (["--credit", "thread"], ["--advantage", "rft"]):
+        run_dir = tmp_path / flags[1]
+        run_dir.mkdir()
+        (run_dir / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
+        r = run("--stage", "rl", *TINY, "--run-dir", str(run_dir), "--rl-steps", "1", *flags)
+        assert r.returncode == 0, r.stderr
+        row = __import__("json").loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert {"eta_over_c", "tokens", "skipped_groups"} <= set(row)
