@@ -55,6 +55,11 @@ Normalization across the threads of a structure: token-level. The mean runs over
 tokens of the batch, whatever thread they belong to, so each token counts once: a 500-token
 organizer weighs 500 tokens, a 30-token worker 30. Averaging per thread first would give a
 3-token worker the pull of the whole organizer and make short threads dominate the update.
+
+Two options beside the paper's one shared reward, for comparison at equal wall time:
+`thread_advantages` (train.py --credit thread: each worker's <RETURN> is verified on its own,
+~7 signals per structure instead of 1) and `rft_advantages` (--advantage rft: rejection-sampling
+fine-tuning on the model's own entirely correct structures, the baseline GRPO must beat).
 """
 
 from dataclasses import dataclass
