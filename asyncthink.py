@@ -1,425 +1,36 @@
 """
-The batched Fork/Join executor: organizers and workers decoding together on one KV cache.
+AsyncThink's commands and records: run the executor on puzzles and say what happened.
 
-The point of AsyncThink is that forked workers decode AT THE SAME TIME as their organizer, so the
-critical path, not the total token count, sets the wall-clock time. This file makes that real:
+executor.py decodes the episodes (organizers and workers together on one KV cache); this file
+turns an ended episode into what the rest of the project reads:
 
-    every step:  1. push pending tokens into the cache  (prefills: new workers' prompts,
-                                                          join results; then one batched decode
-                                                          forward over all threads' last token)
-                 2. sample one token for every runnable thread of every episode, and run each
-                    thread's little state machine on it:
+    trajectory(ep)  protocol.parse of what the episode produced: the named format errors
+    record(ep)      one JSON-able dict per episode: answers, correct, latency (the critical path,
+                    protocol.timeline), eta, tokens, format errors, the stop reason, the timeline,
+                    and for RL the sampled tokens with their log-probs
+    metrics         the mean of records: >=1 .. all correct, latency, eta, format errors
 
-    organizer samples </FORK-i>  -> worker i is created with prompt <WORKER>sub-query\\n
-    organizer samples <JOIN-i>   -> if worker i has returned: inject "takeaway</JOIN-i>"
-                                    else the organizer waits (does not decode) until it returns
-    worker samples </RETURN>     -> the worker is done, its slot is freed, a waiting parent wakes
-    organizer samples </ANSWER>  -> the episode is over
+and the command line:
 
-Timing follows the protocol (protocol.timeline): a worker forked at step s samples its first
-token at step s+1; an organizer that joins at step s a worker that finished at step f samples
-again at step max(s, f)+1; injected tokens cost nothing. Each thread is one cache slot at its own
-length. If the global slot pool is full, a new worker waits in a queue for a free slot; the
-reported latency is still the protocol's critical path of the produced trajectory (the queue
-is a property of this machine, not of the thinking), and the record also reports real steps.
-
-Policy on format errors: the first one ends its episode at once (the trajectory is not
-executable; RL gives it the format penalty anyway), so no model output can raise, deadlock or
-run forever. The named errors in the record come from protocol.parse on what was produced.
-
-Thinking modes, all producing the same record:
-  sequential  the organizer alone (capacity 1: any fork is a pool overflow)
-  parallel    the executor forks the question to N workers (injected, free), joins them all and
-              aggregates: the union of distinct parseable expressions, first k kept (countdown),
-              or the majority grid (sudoku). The organizer itself decodes nothing.
-  async       the model organizes itself with pool capacity c (AsyncThink).
+    python asyncthink.py solve --ckpt runs/countdown-async/rl.pt --input test.jsonl --output out.jsonl
+    python asyncthink.py init --out random.pt        # a random checkpoint, to try the executor
+    python asyncthink.py compare A.jsonl B.jsonl     # paired comparison (compare.py)
 """
 
 import argparse
 import json
+import os
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 import compare
 import protocol as P
 import tasks
 import traces
+from executor import MODES, Episode, Executor, RunConfig
 from model import GPT, load_checkpoint
-
-MODES = ("sequential", "parallel", "async")
-
-
-@dataclass
-class RunConfig:
-    mode: str = "async"
-    capacity: int = 4                # c: the organizer plus at most c-1 running workers
-    n_parallel: int | None = None    # parallel mode: N workers (default c-1)
-    temperature: float = 1.0         # 0 means greedy (argmax): deterministic
-    top_k: int | None = None
-    seed: int = 0
-    max_organizer_tokens: int = 1024  # generated tokens per organizer
-    max_worker_tokens: int = 512     # generated tokens per worker
-    max_episode_tokens: int = 4096   # generated tokens of all threads of an episode
-    max_steps: int = 4096            # decode steps of one call of run()
-    batch_episodes: int = 32         # episodes in flight at once
-    n_slots: int | None = None       # KV cache slots (default batch_episodes * capacity)
-    max_len: int | None = None       # tokens per slot (default the model's block_size)
-
-    def check(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.capacity < 1 or (self.mode != "sequential" and self.capacity < 2):
-            raise ValueError(f"capacity must be >= 2 for {self.mode} mode, got {self.capacity}")
-        if self.mode == "parallel" and not 1 <= self.workers_in_parallel() <= self.capacity - 1:
-            raise ValueError(f"parallel mode needs 1 <= N <= c-1 = {self.capacity - 1}")
-        for name in ("max_organizer_tokens", "max_worker_tokens", "max_episode_tokens",
-                     "max_steps", "batch_episodes"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.temperature < 0 or (self.top_k is not None and self.top_k <= 0):
-            raise ValueError("temperature must be >= 0 and top_k positive")
-        if self.n_slots is not None and self.n_slots < (1 if self.mode == "sequential" else 2):
-            raise ValueError(f"{self.mode} mode needs at least {1 if self.mode == 'sequential' else 2} cache slots")
-
-    def workers_in_parallel(self):
-        return self.n_parallel or self.capacity - 1
-
-
-# -----------------------------------------------------------------------------
-# Threads and episodes
-
-class Thread:
-    """One organizer or worker: its cache slot, its output so far, its state machine."""
-
-    def __init__(self, episode, role, fork_id, prompt_ids, parent=None, fork_step=0):
-        self.episode, self.role, self.fork_id, self.parent = episode, role, fork_id, parent
-        self.prompt = list(prompt_ids)
-        self.out, self.injected, self.logprobs = [], [], []  # per output token
-        self.feed = list(prompt_ids)   # tokens not yet in the cache
-        self.slot, self.logits = None, None
-        self.state = "queued"          # queued -> running <-> waiting -> done
-        self.waiting_on = None         # fork id this organizer waits for
-        self.generated = 0
-        self.open_fork, self.query = None, []  # inside <FORK-i>...</FORK-i>
-        self.in_result, self.result = False, []  # inside <ANSWER>/<RETURN>
-        self.forked, self.outstanding, self.children = set(), set(), {}
-        self.fork_step, self.start_step, self.finish_step, self.join_step = fork_step, None, None, None
-        self.active = []  # [(first_step, last_step)] runs of consecutive decode steps
-
-    def inject(self, ids):
-        self.out += ids
-        self.injected += [True] * len(ids)
-        self.logprobs += [0.0] * len(ids)
-        self.feed += ids
-
-
-class Episode:
-    def __init__(self, index, row, prompt_ids):
-        self.index, self.row = index, row
-        self.organizer = Thread(self, "organizer", 0, prompt_ids)
-        self.threads = [self.organizer]
-        self.done, self.stop_reason = False, None
-        self.generated = 0
-        self.step0 = 0  # the executor's step when this episode was admitted
-        self.t_start, self.t_end = None, None
-
-
-# -----------------------------------------------------------------------------
-# The executor
-
-class Executor:
-    min_split_keys = 4096  # see length_buckets
-
-    def __init__(self, model: GPT, tok: P.Tokenizer, cfg: RunConfig):
-        cfg.check()
-        self.model, self.tok, self.cfg = model, tok, cfg
-        self.device = next(model.parameters()).device
-        self.n_slots = cfg.n_slots or cfg.batch_episodes * cfg.capacity
-        self.cache = model.new_cache(self.n_slots, cfg.max_len)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-
-    # ---- the public entry point
-    @torch.no_grad()
-    def run(self, rows, progress=None, force=None):
-        """Run one episode per puzzle row; returns the episodes (see `record`).
-        `force`, for tests and benchmarks: force(episode, thread) -> a token id to emit instead
-        of sampling (it still counts as a decode step), or None to sample."""
-        cfg, tok = self.cfg, self.tok
-        self.model.eval()
-        self.cache.reset()
-        self.free_slots = list(range(self.n_slots))
-        self.force, self.step = force, 0
-        # a row may carry a structure hint: {"plan": "F1 F2 J1 ..."} (see protocol.organizer_prompt)
-        pending = [Episode(i, row, tok.encode(P.organizer_prompt(P.question_text(row), row.get("plan"))))
-                   for i, row in enumerate(rows)]
-        pending.reverse()
-        active, finished, queue = [], [], []
-        # Keep a slot for workers: with at most n_slots-1 organizers, a worker can always
-        # run, finish (its token limit is finite) and free its slot, so nothing deadlocks.
-        max_active = min(cfg.batch_episodes, max(1, self.n_slots - 1))
-        while pending or active:
-            while pending and len(active) < max_active and self.free_slots:
-                ep = pending.pop()
-                ep.t_start, ep.step0 = time.perf_counter(), self.step
-                active.append(ep)
-                if cfg.mode == "parallel":
-                    self.fork_parallel(ep, queue)  # its organizer never decodes: no slot
-                else:
-                    queue.insert(0, ep.organizer)
-            while queue and self.free_slots:  # FIFO, new organizers were put first
-                th = queue.pop(0)
-                if not th.episode.done:
-                    th.slot, th.state, th.start_step = self.free_slots.pop(0), "running", self.step
-            self.push_feeds([th for ep in active for th in ep.threads if th.state == "running"])
-            self.step += 1
-            runnable = [th for ep in active for th in ep.threads
-                        if th.state == "running" and th.logits is not None and not th.feed]
-            if runnable:
-                self.sample_and_advance(runnable, queue)
-            for ep in active:
-                if not ep.done and self.step - ep.step0 >= cfg.max_steps:
-                    self.end(ep, "max steps")
-            for ep in [ep for ep in active if ep.done]:
-                active.remove(ep)
-                finished.append(ep)
-                if progress is not None:
-                    progress.update(1)
-        finished.sort(key=lambda ep: ep.index)
-        return finished
-
-    # ---- step 1: push tokens into the cache
-    def push_feeds(self, threads):
-        """One padded prefill for threads with several pending tokens (new prompts, join
-        results), one batched decode forward for threads with a single pending token."""
-        decode = [th for th in threads if len(th.feed) == 1]
-        prefill = [th for th in threads if len(th.feed) > 1]
-        for group in self.length_buckets(decode):
-            idx = torch.tensor([th.feed for th in group], device=self.device)  # (B, 1)
-            logits = self.forward(idx, group)
-            for th, row in zip(group, logits[:, -1]):
-                th.logits, th.feed = row, []
-        if prefill:
-            T = max(len(th.feed) for th in prefill)
-            if max(int(self.cache.lengths[th.slot]) for th in prefill) + T > self.cache.max_len:
-                groups = [[th] for th in prefill]  # padding would overflow a slot: one at a time
-            else:
-                groups = [prefill]
-            for group in groups:
-                T = max(len(th.feed) for th in group)
-                idx = torch.tensor([th.feed + [self.tok.pad] * (T - len(th.feed)) for th in group],
-                                   device=self.device)  # (B, T), right-padded
-                n_new = torch.tensor([len(th.feed) for th in group])
-                logits = self.forward(idx, group, n_new)
-                for th, row, n in zip(group, logits, n_new.tolist()):
-                    th.logits, th.feed = row[n - 1], []
-
-    def length_buckets(self, threads):
-        """Decode threads in one forward, or in two split by cache length when that reads at
-        least a quarter fewer cached keys. A batched decode reads every row's keys up to the
-        LONGEST row (L), so one 900-token organizer makes forty 100-token workers read 900
-        keys each, a copy in every layer. Sorted by length, a split at i costs
-        i * L_short + (B - i) * L_long key reads instead of B * L_long: with 10 organizers
-        at 900 and 30 workers at 100, 30 * 100 + 10 * 900 = 12,000 instead of 36,000.
-        A second forward has a fixed cost of its own (on a CPU about what reading a few thousand
-        cached keys costs), so a split must also save min_split_keys reads: one episode of five
-        short threads stays in one forward."""
-        if len(threads) < 2:
-            return [threads] if threads else []
-        held = self.cache.lengths[torch.tensor([th.slot for th in threads])].tolist()
-        order = sorted(range(len(threads)), key=held.__getitem__)
-        threads, L = [threads[i] for i in order], [held[i] + 1 for i in order]  # keys after this step
-        B = len(threads)
-        cost = lambda i: i * L[i - 1] + (B - i) * L[-1]
-        best = min(range(1, B), key=cost)
-        saved = B * L[-1] - cost(best)
-        if saved < max(0.25 * B * L[-1], self.min_split_keys):
-            return [threads]
-        return [threads[:best], threads[best:]]
-
-    def forward(self, idx, threads, n_new=None):
-        slots = torch.tensor([th.slot for th in threads])
-        return self.model.forward_cached(idx, self.cache, slots, n_new)
-
-    # ---- step 2: sample and run the state machines
-    def sample_and_advance(self, threads, queue):
-        logits = torch.stack([th.logits for th in threads]).float()  # (B, V)
-        if self.cfg.temperature == 0:
-            logprobs = F.log_softmax(logits, dim=-1)
-            ids = logits.argmax(dim=-1)
-        else:
-            # The log-probs recorded for RL are those of the distribution sampled from,
-            # softmax(logits / T): the loss scores the same one (grpo.policy_loss), so the
-            # rollout is on-policy and the first update's ratio is exactly 1 (RL samples
-            # without a top_k cut, which these log-probs do not include).
-            scaled = logits / self.cfg.temperature
-            logprobs = F.log_softmax(scaled, dim=-1)
-            if self.cfg.top_k is not None:
-                kth = torch.topk(scaled, min(self.cfg.top_k, scaled.size(-1))).values[:, -1:]
-                scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            ids = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=self.gen)[:, 0]
-        ids = ids.tolist()
-        for b, th in enumerate(threads):
-            forced = self.force(th.episode, th) if self.force else None
-            t = ids[b] if forced is None else int(forced)
-            if not th.episode.done:
-                self.advance(th, t, float(logprobs[b, t]), queue)
-
-    def advance(self, th, t, logprob, queue):
-        """The state machine: one decoded token t of thread th."""
-        ep, tok, cfg = th.episode, self.tok, self.cfg
-        th.out.append(t); th.injected.append(False); th.logprobs.append(logprob)
-        th.feed.append(t)
-        th.generated += 1
-        ep.generated += 1
-        th.logits = None
-        if th.active and th.active[-1][1] == self.step - 1:
-            th.active[-1] = (th.active[-1][0], self.step)
-        else:
-            th.active.append((self.step, self.step))
-        kind, i = tok.tag(t) or ("text", 0)
-        if th.open_fork is not None:  # writing a sub-query
-            if kind == "text":
-                th.query.append(t)
-            elif (kind, i) == ("fork_end", th.open_fork):
-                self.fork_worker(th, th.open_fork, queue)
-                th.open_fork = None
-            else:
-                return self.end(ep, "unclosed fork")
-        elif th.in_result:  # writing the answer / the takeaway
-            end = "answer_end" if th.role == "organizer" else "return_end"
-            if kind == end:
-                self.finish(th)
-            elif kind != "text":
-                return self.end(ep, "tag inside a result")
-            else:
-                th.result.append(t)
-        elif kind == "text":
-            pass
-        elif th.role == "worker" and kind in ("fork", "join", "answer"):
-            return self.end(ep, "wrong role")
-        elif th.role == "organizer" and kind == "return":
-            return self.end(ep, "wrong role")
-        elif kind in ("answer", "return"):
-            th.in_result = True
-        elif kind == "fork":
-            capacity = 1 if cfg.mode == "sequential" else cfg.capacity
-            if i in th.forked or len(th.outstanding) >= capacity - 1:
-                return self.end(ep, "duplicate id or pool overflow")
-            th.forked.add(i); th.outstanding.add(i)
-            th.open_fork, th.query = i, []
-        elif kind == "join":
-            if i not in th.outstanding:
-                return self.end(ep, "unknown join")
-            th.outstanding.discard(i)
-            self.join_worker(th, i)
-        else:
-            return self.end(ep, "stray tag")
-        if ep.done:
-            return
-        limit = cfg.max_organizer_tokens if th.role == "organizer" else cfg.max_worker_tokens
-        if ep.generated >= cfg.max_episode_tokens:
-            self.end(ep, "episode token limit")
-        elif th.state == "done":
-            return
-        elif th.generated >= limit:
-            self.end(ep, f"{th.role} token limit")
-        elif not self.fits(th):
-            self.end(ep, "context full")
-
-    def fits(self, th, extra=0):
-        """Whether th's slot can take its pending tokens, `extra` more, and one more sample."""
-        return int(self.cache.lengths[th.slot]) + len(th.feed) + extra + 1 <= self.cache.max_len
-
-    def fork_worker(self, parent, i, queue):
-        """</FORK-i> was decoded: create worker i on the sub-query; it waits for a slot."""
-        # P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text
-        prompt = [self.tok.worker] + parent.query + self.tok.encode("\n")
-        if len(prompt) + 1 > self.cache.max_len:
-            return self.end(parent.episode, "context full")
-        worker = Thread(parent.episode, "worker", i, prompt, parent, fork_step=self.step)
-        parent.children[i] = worker
-        parent.episode.threads.append(worker)
-        queue.append(worker)
-
-    def join_worker(self, th, i):
-        """<JOIN-i> was decoded: continue with the takeaway now, or wait for worker i."""
-        worker = th.children[i]
-        if worker.state == "done":
-            takeaway = worker.result + [self.tok.tag_id("join_end", i)]
-            if not self.fits(th, len(takeaway)):
-                return self.end(th.episode, "context full")
-            worker.join_step = self.step
-            th.inject(takeaway)
-        else:
-            th.state, th.waiting_on = "waiting", i
-
-    def finish(self, th):
-        """</ANSWER> or </RETURN> was decoded: the thread is done."""
-        th.state, th.finish_step = "done", self.step
-        th.result = list(th.result)
-        self.release(th)
-        if th.role == "organizer":
-            return self.end(th.episode, "answer")
-        parent = th.parent
-        if parent.state == "waiting" and parent.waiting_on == th.fork_id:
-            parent.state, parent.waiting_on = "running", None
-            self.join_worker(parent, th.fork_id)
-        elif parent.state == "parallel" and all(w.state == "done" for w in parent.children.values()):
-            self.aggregate(parent)
-
-    def fork_parallel(self, ep, queue):
-        """Parallel mode: inject N forks of the whole question; the workers start at once."""
-        org, question = ep.organizer, P.question_text(ep.row)
-        org.query = self.tok.encode(question)
-        for i in range(1, self.cfg.workers_in_parallel() + 1):
-            fork, fork_end, _, _ = P.fork_tags(i)
-            org.inject(self.tok.encode(f"{fork}{question}{fork_end}"))
-            org.forked.add(i)
-            self.fork_worker(org, i, queue)
-        org.state = "parallel"  # never decodes: `aggregate` answers when every worker is done
-
-    def aggregate(self, org):
-        """Parallel mode: join every worker (injected) and answer by rule: countdown, the union
-        of distinct parseable expressions in worker order, first k; sudoku, the majority grid."""
-        tok, row, votes, union = self.tok, org.episode.row, Counter(), {}
-        for i, worker in sorted(org.children.items()):
-            worker.join_step = self.step
-            org.inject([tok.tag_id("join", i)] + worker.result + [tok.tag_id("join_end", i)])
-            for part in P.parse_answer(tok.decode(worker.result), row["task"]) or []:
-                if row["task"] == "sudoku":
-                    votes[part] += 1
-                else:
-                    try:
-                        union.setdefault(tasks.canonical(part), part)
-                    except ValueError:
-                        pass  # not an expression after all: not "correct-looking"
-        parts = [votes.most_common(1)[0][0]] if votes else list(union.values())[:row.get("k", 1)]
-        org.inject(tok.encode(P.answer_text(parts)))
-        org.state, org.finish_step = "done", self.step
-        self.end(org.episode, "answer")
-
-    def release(self, th):
-        if th.slot is not None:
-            self.cache.free(th.slot)
-            self.free_slots.append(th.slot)
-            th.slot = None
-
-    def end(self, ep, reason):
-        """End an episode: stop all its threads and free their slots."""
-        if ep.done:
-            return
-        ep.done, ep.stop_reason, ep.t_end = True, reason, time.perf_counter()
-        for th in ep.threads:
-            if th.state != "done":
-                th.state = "stopped"
-                th.finish_step = self.step
-            self.release(th)
-
 
 # -----------------------------------------------------------------------------
 # Results: the trajectory as the protocol sees it, metrics, and the record
@@ -428,8 +39,7 @@ def trajectory(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     """protocol.parse of what the episode produced (the executor knows which tokens it injected)."""
     org = ep.organizer
     workers = {i: w.out for i, w in org.children.items()}
-    capacity = 1 if cfg.mode == "sequential" else cfg.capacity
-    return P.parse(org.out, workers, tok, capacity, task=ep.row["task"], injected=org.injected)
+    return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=ep.row["task"], injected=org.injected)
 
 
 def score(row, answers):
@@ -521,7 +131,6 @@ def show_timeline(rec, width=72):
 def load_model(path, device="cpu"):
     """(model, tokenizer) from a checkpoint file (train.py, or `asyncthink.py init`) or from a
     pretrained GPT-2 folder (config.json + weights + tokenizer files). One-line errors."""
-    import os
     if os.path.isdir(path):
         tok = P.load_gpt2_tokenizer(path)
         model = GPT.from_pretrained(path, vocab_size=tok.n_vocab)
@@ -544,14 +153,24 @@ def pick_device(name="auto"):
     return name
 
 
-def solve(model, tok, rows, cfg: RunConfig, progress=True):
-    """Run every row in `cfg.mode`; returns the records (see `record`)."""
+def solve(model, tok, rows, cfg: RunConfig, progress=True, out=None):
+    """Run every row in `cfg.mode`; returns the records (see `record`) in row order. With `out`
+    (a text file), each record is also written to it as a JSON line as soon as its episode
+    ends, so a run that is killed keeps the episodes it finished."""
     from tqdm import tqdm
     bar = tqdm(total=len(rows), desc=f"solve {cfg.mode}", unit="ep", disable=not progress,
                file=sys.stderr)
-    episodes = Executor(model, tok, cfg).run(rows, progress=bar)
+    records = {}
+
+    def keep(ep):
+        records[ep.index] = record(ep, tok, cfg)
+        if out is not None:
+            out.write(json.dumps(records[ep.index]) + "\n")
+            out.flush()
+
+    Executor(model, tok, cfg).run(rows, progress=bar, on_end=keep)
     bar.close()
-    return [record(ep, tok, cfg) for ep in episodes]
+    return [records[i] for i in range(len(rows))]
 
 
 def metrics(records):
@@ -641,12 +260,8 @@ def main(argv=None):
     i.add_argument("--preset", default="small")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
-    sub.add_parser("bench", help="speed benchmarks (see bench.py)", add_help=False)
     sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)
     argv = argv if argv is not None else sys.argv[1:]
-    if argv[:1] == ["bench"]:
-        import bench
-        return bench.main(argv[1:])
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
     args = ap.parse_args(argv)
@@ -664,15 +279,22 @@ def main(argv=None):
         if not rows:
             raise ValueError(f"{args.input}: no puzzles")
         model, tok = load_model(args.ckpt, pick_device(args.device))
+        # Records go to OUTPUT.partial as their episodes end (in the order they end), and become
+        # OUTPUT, in row order, when all are done: a killed run keeps its finished episodes in
+        # the .partial file, and an existing OUTPUT is replaced only by a complete one.
+        partial = args.output + ".partial"
+        out = open(partial, "w")
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"asyncthink.py {args.command}: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    records = solve(model, tok, rows, cfg)
+    with out:
+        records = solve(model, tok, rows, cfg, out=out)
     seconds = time.perf_counter() - t0
-    with open(args.output, "w") as f:
+    with open(partial, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+    os.replace(partial, args.output)
     for r in records[:args.show]:
         print(show_timeline(r))
     print(summary(records, seconds))

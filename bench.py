@@ -1,5 +1,5 @@
 """
-Speed benchmarks of the batched Fork/Join executor: `python asyncthink.py bench [--quick]`.
+Speed benchmarks of the batched Fork/Join executor: `python bench.py [--quick]`.
 
 A model with random weights cannot be trusted to fork and join, so every episode follows a fixed
 SCRIPT: `force(episode, thread)` hands the executor the next token instead of the sampled one (it
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 import protocol as P
 import tasks
-from asyncthink import Executor, RunConfig, pick_device, trajectory
+from asyncthink import pick_device, trajectory
+from executor import Executor, RunConfig
 from model import GPT, GPTConfig
 
 
@@ -200,7 +201,7 @@ def episode_counts(s):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="asyncthink.py bench", description="Executor speed benchmarks.")
+    ap = argparse.ArgumentParser(description="Executor speed benchmarks.")
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes (a few seconds)")
     ap.add_argument("--episodes", type=episode_counts, default=None,
                     help="concurrent episodes, comma-separated (default 1,8,32; quick 1,2)")
@@ -260,7 +261,7 @@ def bench(args):
         if need > cfg.block_size:
             raise ValueError(f"the script needs {need} positions per slot; the model has {cfg.block_size}")
     except ValueError as e:
-        print(f"asyncthink.py bench: error: {e}", file=sys.stderr)
+        print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
     from tqdm import tqdm
     torch.manual_seed(0)
@@ -286,7 +287,7 @@ def bench(args):
     for n in counts:
         rec = executor("async", n, record=True)
         threads = [th for ep in check(rec.run(rows[:n], force=force)) for th in ep.threads]
-        setups[n] = dict(ex=executor("async", n), threads=threads, steps=rec.step, calls=rec.calls,
+        setups[n] = dict(ex=executor("async", n), threads=threads, steps=rec.clock, calls=rec.calls,
                          bare=model.new_cache(rec.n_slots, max_len),
                          tokens=sum(th.generated for th in threads))
         replay_bare(model, rec.calls, setups[n]["bare"])
@@ -319,7 +320,7 @@ def bench(args):
     med = {key: statistics.median(ts) for key, ts in times.items()}
 
     c = model.config
-    print(f"asyncthink.py bench: model {'tiny' if args.quick else 'small'} ({c.n_layer} layers, "
+    print(f"bench.py: model {'tiny' if args.quick else 'small'} ({c.n_layer} layers, "
           f"n_embd {c.n_embd}, {model.num_params() / 1e6:.2f}M params, random weights), device "
           f"{device}, torch threads {torch.get_num_threads()}, median of {repeats} repeat(s)")
     print(f"script per episode: organizer {len(org)} tokens, {script.workers} workers x "

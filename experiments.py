@@ -29,6 +29,7 @@ import sys
 import time
 
 import asyncthink as A
+import executor as E
 import protocol as P
 import tasks
 import train
@@ -129,7 +130,7 @@ def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=3
     if key not in _loaded:
         _loaded[key] = A.load_model(ckpt, device)
     model, tok = _loaded[key]
-    run = A.RunConfig(mode=mode, capacity=capacity, temperature=temperature, seed=seed,
+    run = E.RunConfig(mode=mode, capacity=capacity, temperature=temperature, seed=seed,
                       max_organizer_tokens=organizer_tokens, max_worker_tokens=worker_tokens,
                       batch_episodes=32)
     run.check()
@@ -441,19 +442,19 @@ def main(argv=None):
     job = lambda name, st, task, mode, steps, *extra: train_job(
         out, name, st, task, mode, steps, ["--seed", str(args.seed), *extra], device)
     timings += run_jobs([job(f"{task}-{mode}", "sft", task, mode, S if task == "countdown" else S2)
-                         for task in ("countdown", "sudoku") for mode in A.MODES], args.jobs)
+                         for task in ("countdown", "sudoku") for mode in E.MODES], args.jobs)
     no_eta = os.path.join(out, "countdown-async-no-eta")
     os.makedirs(no_eta, exist_ok=True)
     if not os.path.exists(os.path.join(no_eta, "sft.pt")):  # the same SFT model, another RL
         import shutil
         shutil.copy(os.path.join(out, "countdown-async", "sft.pt"), os.path.join(no_eta, "sft.pt"))
     timings += run_jobs([job(f"{task}-{mode}", "rl", task, mode, R if task == "countdown" else R2)
-                         for task in ("countdown", "sudoku") for mode in A.MODES]
+                         for task in ("countdown", "sudoku") for mode in E.MODES]
                         + [job("countdown-async-no-eta", "rl", "countdown", "async", R, "--no-concurrency-reward"),
                            job("countdown-async-scratch", "rl", "countdown", "async", R, "--from-scratch")],
                         args.jobs)
-    ckpt = {mode: os.path.join(out, f"countdown-{mode}", "rl.pt") for mode in A.MODES}
-    ckpt.update({f"sudoku {m}": os.path.join(out, f"sudoku-{m}", "rl.pt") for m in A.MODES})
+    ckpt = {mode: os.path.join(out, f"countdown-{mode}", "rl.pt") for mode in E.MODES}
+    ckpt.update({f"sudoku {m}": os.path.join(out, f"sudoku-{m}", "rl.pt") for m in E.MODES})
     ckpt["async sft"] = os.path.join(out, "countdown-async", "sft.pt")
     ckpt["no R_η"] = os.path.join(no_eta, "rl.pt")
     ckpt["no format SFT"] = os.path.join(out, "countdown-async-scratch", "rl.pt")
@@ -484,7 +485,7 @@ def main(argv=None):
     ablations = [ev(name, ckpt[name], countdown, "async", name)[0] for name in ("no R_η", "no format SFT")]
     ablations.append(ev("no RL", ckpt["async sft"], countdown, "async", "no RL")[0])
     sudoku_rows = [ev(f"sudoku {m}", ckpt[f"sudoku {m}"], sudoku, m, f"sudoku {m}",
-                      worker_tokens=org if m == "parallel" else wrk)[0] for m in A.MODES]
+                      worker_tokens=org if m == "parallel" else wrk)[0] for m in E.MODES]
     sudoku_rows.append(ev("countdown async, zero-shot", ckpt["async"], sudoku, "async", "sudoku async")[0])
     # The model was trained at c = 4 and its prompt does not say c, so at inference each c comes
     # with a plan (a structure hint, which SFT taught it to follow): the sliding window that

@@ -68,6 +68,7 @@ import torch
 import torch.nn.functional as F
 
 import asyncthink as A
+import executor as E
 import protocol as P
 import tasks
 
@@ -284,8 +285,8 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None, temperature=1.0):
 
 def rollout(model, tok, cfg, rows, seed):
     """G structures per question with the batched executor; rows are already grouped."""
-    run = A.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
+    run = E.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows))
-    episodes = A.Executor(model, tok, run).run(rows)
+    episodes = E.Executor(model, tok, run).run(rows)
     return episodes, [A.record(ep, tok, run) for ep in episodes]

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import asyncthink as A
+import executor as E
 import grpo
 import protocol as P
 import tasks
@@ -251,7 +252,7 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     mode = mode or cfg.mode
     # Parallel thinking is N independent samples of one question: greedy workers would all
     # write the same text, so they sample (seeded, reproducible).
-    run = A.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
+    run = E.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
                       temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
@@ -626,7 +627,7 @@ def parse_args(argv=None):
     d = TrainConfig()
     ap.add_argument("--stage", choices=["sft", "rl"], default="sft")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
-    ap.add_argument("--mode", choices=A.MODES, default=d.mode)
+    ap.add_argument("--mode", choices=E.MODES, default=d.mode)
     ap.add_argument("--task", choices=["countdown", "sudoku", "mix"], default=d.task)
     ap.add_argument("--run-dir", default="")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=d.device)

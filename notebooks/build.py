@@ -364,9 +364,11 @@ EXECUTOR = [
     md("""
     # 2. The executor: organizers and workers decoding together
 
-    Notebook 1 *computed* a latency from a finished trajectory. The executor (`asyncthink.py`)
+    Notebook 1 *computed* a latency from a finished trajectory. The executor (`executor.py`)
     *produces* trajectories: it runs the model, and every step it decodes **one token for every
-    running thread of every episode in a single batched forward pass**. A forked worker thus really
+    running thread of every episode in a single batched forward pass**. One step is five phases
+    (`Executor.step`): admit queued threads into free cache slots, push pending tokens into the
+    cache, sample, advance each thread's state machine, retire the episodes that ended. A forked worker thus really
     thinks at the same time as its organizer, and wall-clock time follows the critical path, not
     the total token count.
 
@@ -490,7 +492,7 @@ EXECUTOR = [
     at which lengths) and, after every step, each thread's state.
     """),
     code("""
-    import asyncthink as A
+    import asyncthink as A, executor as E
 
     organizer = ("<FORK-1>5 3 to 10</FORK-1><FORK-2>7 3 to 10</FORK-2>hmm"
                  "<JOIN-1>5+3+2</JOIN-1><JOIN-2>7+3</JOIN-2><ANSWER>5+3+2, 7+3</ANSWER>")
@@ -507,20 +509,20 @@ EXECUTOR = [
     def name(th):
         return "O" if th.role == "organizer" else f"W{th.fork_id}"
 
-    class Watcher(A.Executor):
+    class Watcher(E.Executor):
         \"\"\"The executor, taking notes: every forward call, and every thread after every step.\"\"\"
         def __init__(self, *args):
             super().__init__(*args)
             self.calls, self.notes = [], []
 
         def forward(self, idx, threads, n_new=None):
-            self.calls.append(dict(step=self.step + 1, shape=tuple(idx.shape),  # runs in step self.step + 1
+            self.calls.append(dict(step=self.clock + 1, shape=tuple(idx.shape),  # runs in step clock + 1
                                    rows=[(name(th), th.slot, int(self.cache.lengths[th.slot])) for th in threads]))
             return super().forward(idx, threads, n_new)
 
-        def sample_and_advance(self, threads, queue):
+        def sample_and_advance(self, threads):
             slot_before = {name(th): th.slot for th in threads}
-            super().sample_and_advance(threads, queue)
+            super().sample_and_advance(threads)
             ep = threads[0].episode
             note = {}
             for th in ep.threads:
@@ -532,7 +534,7 @@ EXECUTOR = [
             self.notes.append(note)
 
     row = {"task": "countdown", "numbers": [2, 3, 5, 7], "target": 10, "k": 2}
-    cfg = A.RunConfig(mode="async", capacity=3, batch_episodes=1, temperature=0)
+    cfg = E.RunConfig(mode="async", capacity=3, batch_episodes=1, temperature=0)
     ex = Watcher(model, tok, cfg)
     episode = ex.run([row], force=force)[0]
     rec = A.record(episode, tok, cfg)
@@ -650,8 +652,8 @@ EXECUTOR = [
     speed = {}
     with torch.no_grad():
         for n in counts:
-            run_cfg = A.RunConfig(mode="async", capacity=capacity, batch_episodes=n, max_len=max_len)
-            ex_n = A.Executor(speed_model, tok, run_cfg)
+            run_cfg = E.RunConfig(mode="async", capacity=capacity, batch_episodes=n, max_len=max_len)
+            ex_n = E.Executor(speed_model, tok, run_cfg)
             threads = [th for ep in ex_n.run(puzzles[:n], force=bench_force) for th in ep.threads]  # warm-up
             tokens = sum(th.generated for th in threads)
             speed[n] = dict(tokens=tokens,
@@ -685,7 +687,7 @@ EXECUTOR = [
     while the executor's throughput climbs with the batch, because a forward over B rows costs much
     less than B forwards on a CPU (and far less still on a GPU). The gain flattens as attention over
     long, padded slots starts to dominate; `BENCHMARKS.md` measures that with the full benchmark
-    (`python asyncthink.py bench`) and names the levers.
+    (`python bench.py`) and names the levers.
 
     **Does the critical path predict wall-clock time?** Decode one scripted episode as AsyncThink,
     then the same number of tokens as one sequential thread. The protocol predicts a speedup of
@@ -693,11 +695,11 @@ EXECUTOR = [
     """),
     code("""
     with torch.no_grad():
-        async_ex = A.Executor(speed_model, tok, A.RunConfig(mode="async", capacity=capacity, batch_episodes=1, max_len=max_len))
+        async_ex = E.Executor(speed_model, tok, E.RunConfig(mode="async", capacity=capacity, batch_episodes=1, max_len=max_len))
         ep1 = async_ex.run(puzzles[:1], force=bench_force)[0]
         total = sum(th.generated for th in ep1.threads)
         path = P.critical_path(A.trajectory(ep1, tok, async_ex.cfg))
-        seq_ex = A.Executor(speed_model, tok, A.RunConfig(mode="sequential", capacity=1, batch_episodes=1, max_len=max_len))
+        seq_ex = E.Executor(speed_model, tok, E.RunConfig(mode="sequential", capacity=1, batch_episodes=1, max_len=max_len))
         seq_force = bench.forcer(bench.text(total - 3) + [tok.answer, ord("7"), tok.answer_end], [])
         t_async = best(lambda: async_ex.run(puzzles[:1], force=bench_force), 3)
         t_seq = best(lambda: seq_ex.run(puzzles[:1], force=seq_force), 3)
@@ -714,7 +716,7 @@ EXECUTOR = [
     1. **Memory.** How many bytes does the cache of the `small` preset take for `batch_episodes=32`,
        `capacity=4` and slots of 1024 tokens? Compute it by hand, then check with
        `GPT(GPTConfig.preset("small", tok.n_vocab)).new_cache(...).nbytes()`.
-    2. **Queueing.** Rerun the scripted episode with `A.RunConfig(..., n_slots=2)`. Worker 2 must wait
+    2. **Queueing.** Rerun the scripted episode with `E.RunConfig(..., n_slots=2)`. Worker 2 must wait
        for a free slot: find where in the slot table. Does the reported `latency` change? Does
        `rec["steps"]` (the executor's real steps)? Why are they different numbers?
     3. **No waiting.** Change the organizer's script so it never waits (think longer before each

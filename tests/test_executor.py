@@ -1,5 +1,6 @@
 """asyncthink.py: the executor against independent oracles — a full uncached forward for every
 log-probability, protocol.timeline for every step, brute-force expectations for the modes."""
+import io
 import json
 import random
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import asyncthink as A
+import executor as E
 import protocol as P
 from model import GPT, GPTConfig, save_checkpoint
 
@@ -59,8 +61,8 @@ SEQUENTIAL = {0: text("thinking alone ") + ANSWER}
 
 
 def run(scripts, n=6, **kw):
-    cfg = A.RunConfig(**{"mode": "async", "capacity": 4, "batch_episodes": 8, **kw})
-    ex = A.Executor(tiny_model(), tok, cfg)
+    cfg = E.RunConfig(**{"mode": "async", "capacity": 4, "batch_episodes": 8, **kw})
+    ex = E.Executor(tiny_model(), tok, cfg)
     eps = ex.run(ROWS * n, force=scripted(scripts))
     return ex, cfg, eps
 
@@ -91,8 +93,8 @@ def test_logprobs_match_a_full_forward_without_cache():
     """Every recorded log-probability equals the one from re-running the whole prefix (prompt,
     generated and injected tokens) through the model without a cache."""
     model = tiny_model()
-    cfg = A.RunConfig(mode="async", capacity=4, batch_episodes=3, n_slots=4)  # workers queue
-    eps = A.Executor(model, tok, cfg).run(ROWS * 3, force=scripted([INTERLEAVED, FORK_ALL, SEQUENTIAL]))
+    cfg = E.RunConfig(mode="async", capacity=4, batch_episodes=3, n_slots=4)  # workers queue
+    eps = E.Executor(model, tok, cfg).run(ROWS * 3, force=scripted([INTERLEAVED, FORK_ALL, SEQUENTIAL]))
     checked = 0
     for ep in eps:
         for th in ep.threads:
@@ -135,8 +137,8 @@ def test_forked_workers_sample_independently():
         if th.role == "organizer":
             return org[th.generated] if th.generated < len(org) else None
         return None
-    cfg = A.RunConfig(mode="async", capacity=4, max_worker_tokens=40, temperature=1.0, seed=1)
-    ep = A.Executor(uniform_model(), tok, cfg).run(ROWS, force=force)[0]
+    cfg = E.RunConfig(mode="async", capacity=4, max_worker_tokens=40, temperature=1.0, seed=1)
+    ep = E.Executor(uniform_model(), tok, cfg).run(ROWS, force=force)[0]
     outs = [tuple(w.out[:8]) for w in ep.organizer.children.values()]
     assert len(outs) == 3 and len(set(outs)) == 3
     assert all(t < 256 for o in outs for t in o)
@@ -145,8 +147,8 @@ def test_forked_workers_sample_independently():
 def test_greedy_is_deterministic_and_seeds_matter():
     rows = ROWS * 4
     def outs(**kw):
-        cfg = A.RunConfig(mode="async", max_organizer_tokens=30, max_worker_tokens=20, **kw)
-        return [A.record(e, tok, cfg)["trace"] for e in A.Executor(tiny_model(3), tok, cfg).run(rows)]
+        cfg = E.RunConfig(mode="async", max_organizer_tokens=30, max_worker_tokens=20, **kw)
+        return [A.record(e, tok, cfg)["trace"] for e in E.Executor(tiny_model(3), tok, cfg).run(rows)]
     assert outs(temperature=0) == outs(temperature=0, seed=5)
     assert outs(temperature=1.0, seed=2) == outs(temperature=1.0, seed=2)
     assert outs(temperature=1.0, seed=2) != outs(temperature=1.0, seed=3)
@@ -160,8 +162,8 @@ def test_parallel_mode_aggregates_by_rule():
     def force(ep, th):
         s = scripts[th.fork_id]
         return s[th.generated] if th.generated < len(s) else None
-    cfg = A.RunConfig(mode="parallel", capacity=4)
-    ep = A.Executor(tiny_model(), tok, cfg).run([row], force=force)[0]
+    cfg = E.RunConfig(mode="parallel", capacity=4)
+    ep = E.Executor(tiny_model(), tok, cfg).run([row], force=force)[0]
     rec = A.record(ep, tok, cfg)
     assert rec["answers"] == ["4+6", "5*2"] and rec["correct"] and rec["n_correct"] == 2
     # worker 2 is the longest: 8 + <RETURN> + "5*2, 9+1" + </RETURN> = 18 tokens
@@ -175,8 +177,8 @@ def test_broken_parallel_episode_counts_the_steps_it_ran():
     row = {"task": "countdown", "numbers": [1, 2, 3, 4, 5, 6], "target": 10, "k": 2}
     def force(ep, th):
         return text("w")[0] if th.fork_id else None  # workers think forever
-    cfg = A.RunConfig(mode="parallel", capacity=4, max_worker_tokens=12)
-    ep = A.Executor(tiny_model(), tok, cfg).run([row], force=force)[0]
+    cfg = E.RunConfig(mode="parallel", capacity=4, max_worker_tokens=12)
+    ep = E.Executor(tiny_model(), tok, cfg).run([row], force=force)[0]
     rec = A.record(ep, tok, cfg)
     assert rec["format_errors"] and not rec["correct"]
     assert rec["latency"] == rec["steps"] == 12
@@ -186,7 +188,7 @@ def test_a_row_can_carry_a_structure_hint():
     row = {**ROWS[0], "plan": "F1 J1"}
     ex, cfg, eps = run([SEQUENTIAL], n=1)
     plain = eps[0].organizer.prompt
-    eps = A.Executor(tiny_model(), tok, cfg).run([row], force=scripted([SEQUENTIAL]))
+    eps = E.Executor(tiny_model(), tok, cfg).run([row], force=scripted([SEQUENTIAL]))
     assert tok.decode(eps[0].organizer.prompt) == tok.decode(plain) + "plan F1 J1\n"
     assert A.record(eps[0], tok, cfg)["plan"] == "F1 J1"
 
@@ -198,14 +200,14 @@ def test_parallel_sudoku_majority_vote():
     def force(ep, th):
         s = scripts[th.fork_id]
         return s[th.generated] if th.generated < len(s) else None
-    cfg = A.RunConfig(mode="parallel", capacity=4)
-    rec = A.record(A.Executor(tiny_model(), tok, cfg).run([row], force=force)[0], tok, cfg)
+    cfg = E.RunConfig(mode="parallel", capacity=4)
+    rec = A.record(E.Executor(tiny_model(), tok, cfg).run([row], force=force)[0], tok, cfg)
     assert rec["answers"] == [grid_a]
 
 
 def test_sequential_mode_forbids_forks():
-    cfg = A.RunConfig(mode="sequential", capacity=4)
-    ep = A.Executor(tiny_model(), tok, cfg).run(ROWS, force=scripted([INTERLEAVED]))[0]
+    cfg = E.RunConfig(mode="sequential", capacity=4)
+    ep = E.Executor(tiny_model(), tok, cfg).run(ROWS, force=scripted([INTERLEAVED]))[0]
     assert "pool-overflow" in P.error_names(A.record(ep, tok, cfg)["format_errors"])
 
 
@@ -232,7 +234,7 @@ def random_ckpt(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("mode", A.MODES)
+@pytest.mark.parametrize("mode", E.MODES)
 def test_solve_writes_complete_records(tmp_path, random_ckpt, mode):
     puzzles = tmp_path / "p.jsonl"
     rows = [{"task": "countdown", "numbers": [2, 3, 5, 7, 11, 13], "target": 24, "k": 4},
@@ -273,6 +275,47 @@ def test_solve_errors_are_one_line(tmp_path, random_ckpt):
     assert r.returncode == 2 and "capacity" in r.stderr
 
 
+def test_solve_refuses_an_unwritable_output_before_it_starts(tmp_path, random_ckpt):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"task": "sudoku", "puzzle": "1.3.....2..4...1"}\n')
+    r = cli("solve", "--ckpt", str(random_ckpt), "--input", str(good),
+            "--output", str(tmp_path / "no-such-folder" / "o.jsonl"))
+    assert r.returncode == 2 and "no-such-folder" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "solve" not in r.stdout  # nothing was solved
+
+
+def test_solve_writes_each_record_as_its_episode_ends(random_ckpt):
+    """The records reach the file while the run goes on (a killed run keeps them), in the order
+    the episodes end; solve still returns them in row order."""
+    model, tok = A.load_model(str(random_ckpt))
+    rows = [{"task": "countdown", "numbers": [2, 3, 5, 7, 11, 13], "target": 24, "k": 4}] * 3 + \
+           [{"task": "sudoku", "puzzle": "1.3.....2..4...1"}] * 3
+    cfg = E.RunConfig(mode="async", max_organizer_tokens=40, max_worker_tokens=20, batch_episodes=2, seed=1)
+    lines_at_each_write = []
+
+    class Recording(io.StringIO):
+        def write(self, text):
+            lines_at_each_write.append(self.getvalue().count("\n"))
+            return super().write(text)
+
+    out = Recording()
+    records = A.solve(model, tok, rows, cfg, progress=False, out=out)
+    written = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines_at_each_write == list(range(len(rows)))  # one line per write, one write per episode
+    assert [r["task"] for r in records] == [r["task"] for r in rows]  # returned in row order
+    key = lambda r: json.dumps(r, sort_keys=True)
+    assert sorted(map(key, written)) == sorted(map(key, records))
+
+
+def test_an_existing_output_survives_a_failed_solve(tmp_path, random_ckpt):
+    out = tmp_path / "o.jsonl"
+    out.write_text("previous results\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    r = cli("solve", "--ckpt", str(random_ckpt), "--input", str(bad), "--output", str(out))
+    assert r.returncode == 2 and out.read_text() == "previous results\n"
+
+
 def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
     """--ckpt may be a GPT-2 folder: weights through the model hook, BPE through tiktoken,
     the protocol's tags appended to both."""
@@ -305,7 +348,7 @@ def test_decode_length_buckets_split_long_rows_from_short_ones():
     costs less than that (min_split_keys), one forward with the default (4096). Lengths 90..99
     gain too little: one forward. Every thread is decoded exactly once either way."""
     from types import SimpleNamespace
-    ex = A.Executor(tiny_model(), tok, A.RunConfig(mode="async", capacity=4))
+    ex = E.Executor(tiny_model(), tok, E.RunConfig(mode="async", capacity=4))
     threads = [SimpleNamespace(slot=s) for s in range(4)]
     ex.cache.lengths[:4] = torch.tensor([19, 199, 19, 19])
     assert len(ex.length_buckets(threads)) == 1  # 540 < 4096: the second forward costs more

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import asyncthink as A
+import executor as E
 import protocol as P
 import tasks
 from model import GPT, GPTConfig
@@ -251,7 +252,7 @@ class GrammarModel(nn.Module):
 def run(model, cfg, rows, force=None):
     """Run the executor (with a watchdog) and check every invariant; returns (episodes, records,
     number of episodes whose timing matched protocol.timeline exactly)."""
-    ex = A.Executor(model, tok, cfg)
+    ex = E.Executor(model, tok, cfg)
     with watchdog():
         episodes = ex.run(rows, force=force)
     records = check_run(ex, cfg, rows, episodes)
@@ -266,7 +267,7 @@ def check_run(ex, cfg, rows, episodes):
     # every slot went back to the pool, once, and holds nothing
     assert sorted(ex.free_slots) == list(range(ex.n_slots)), ex.free_slots
     assert int(ex.cache.lengths.abs().sum()) == 0
-    assert ex.step <= len(rows) * cfg.max_steps
+    assert ex.clock <= len(rows) * cfg.max_steps
     records = [A.record(ep, tok, cfg) for ep in episodes]
     for ep, rec in zip(episodes, records):
         check_episode(ep, rec, cfg)
@@ -391,7 +392,7 @@ LIMITS = dict(max_organizer_tokens=40, max_worker_tokens=20, max_episode_tokens=
                          ids=lambda x: x if isinstance(x, str) else
                          "-".join(f"{k}={v}" for k, v in x.items() if k != "seed"))
 def test_random_models_never_break_the_executor(kind, kw):
-    cfg = A.RunConfig(**LIMITS, **kw)
+    cfg = E.RunConfig(**LIMITS, **kw)
     model = random_gpt(cfg.seed) if kind == "gpt" else GrammarModel(cfg.seed, cfg.capacity)
     episodes, records, exact = run(model, cfg, ROWS)
     if kind == "grammar" and cfg.mode != "sequential" and "n_slots" not in kw and cfg.temperature:
@@ -404,7 +405,7 @@ def test_random_models_reach_every_outcome():
     """The fuzz is not vacuous: the models above produce every kind of ending and error."""
     reasons, names, waits, queued = set(), set(), 0, 0
     for kind, kw in part1_configs()[::4]:
-        cfg = A.RunConfig(**LIMITS, **kw)
+        cfg = E.RunConfig(**LIMITS, **kw)
         model = random_gpt(cfg.seed) if kind == "gpt" else GrammarModel(cfg.seed, cfg.capacity)
         episodes, records, _ = run(model, cfg, ROWS[:24])
         for ep, rec in zip(episodes, records):
@@ -478,12 +479,12 @@ def perturbed_script(draw, capacity):
 
 @st.composite
 def run_configs(draw):
-    mode = draw(st.sampled_from(A.MODES))
+    mode = draw(st.sampled_from(E.MODES))
     capacity = 1 if mode == "sequential" else draw(st.integers(2, 4))
     n_parallel = draw(st.integers(1, capacity - 1)) if mode == "parallel" else None
     batch = draw(st.integers(1, 4))
     pick = lambda *values: draw(st.sampled_from(values))  # mostly roomy limits, some tiny ones
-    return A.RunConfig(mode=mode, capacity=capacity, n_parallel=n_parallel, batch_episodes=batch,
+    return E.RunConfig(mode=mode, capacity=capacity, n_parallel=n_parallel, batch_episodes=batch,
                        n_slots=pick(None, None, 2, 3, 5),
                        max_organizer_tokens=pick(60, 60, 60, 30, 12, 5, 2, 1),
                        max_worker_tokens=pick(30, 30, 30, 8, 3, 1),
@@ -546,7 +547,7 @@ def scenario(model, organizer, workers=None, tail=FILLER, **kw):
     def force(ep, th):
         s = scripts.get("organizer" if th.role == "organizer" else th.fork_id, [])
         return s[th.generated] if th.generated < len(s) else tail
-    cfg = A.RunConfig(**{**dict(max_organizer_tokens=30, max_worker_tokens=15, max_episode_tokens=200), **kw})
+    cfg = E.RunConfig(**{**dict(max_organizer_tokens=30, max_worker_tokens=15, max_episode_tokens=200), **kw})
     row = {"task": "countdown", "numbers": [2, 3, 5, 7], "target": 10, "k": 2}
     (ep,), (rec,), _ = run(model, cfg, [row], force)
     return ep, rec
@@ -624,8 +625,8 @@ def test_a_pool_without_room_for_a_worker_is_refused():
     """n_slots=1 in async mode would leave a forked worker without a slot (its organizer
     holds the only one): RunConfig refuses it up front."""
     with pytest.raises(ValueError, match="at least 2 cache slots"):
-        A.RunConfig(mode="async", n_slots=1).check()
-    A.RunConfig(mode="sequential", n_slots=1).check()
+        E.RunConfig(mode="async", n_slots=1).check()
+    E.RunConfig(mode="sequential", n_slots=1).check()
 
 
 def test_many_episodes_share_a_tiny_pool(gpt):
@@ -642,7 +643,7 @@ def test_many_episodes_share_a_tiny_pool(gpt):
         return s[th.generated] if th.generated < len(s) else FILLER
     rows = [r for r in ROWS if r["task"] == "countdown"]
     for n_slots, steps in ((None, 15), (3, None)):
-        cfg = A.RunConfig(capacity=3, n_slots=n_slots, batch_episodes=4, max_organizer_tokens=30,
+        cfg = E.RunConfig(capacity=3, n_slots=n_slots, batch_episodes=4, max_organizer_tokens=30,
                           max_worker_tokens=15, max_episode_tokens=200)
         episodes, records, exact = run(gpt, cfg, rows, force)
         assert all(ep.stop_reason == "answer" for ep in episodes)
@@ -673,7 +674,7 @@ def test_non_utf8_sub_query_keeps_its_ids(gpt):
     def force(ep, th):
         s = scripts["organizer"] if th.role == "organizer" else []
         return s[th.generated] if th.generated < len(s) else FILLER
-    cfg = A.RunConfig(max_organizer_tokens=1000, max_worker_tokens=1000, max_episode_tokens=5000)
+    cfg = E.RunConfig(max_organizer_tokens=1000, max_worker_tokens=1000, max_episode_tokens=5000)
     ep = run(gpt, cfg, ROWS[:1], force)[0][0]
     worker = ep.organizer.children[1]
     assert worker.prompt[1:101] == [0x80] * 100 and len(worker.prompt) == 102

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import asyncthink as A
+import executor as E
 import grpo
 import protocol as P
 
@@ -113,9 +114,9 @@ def test_first_ratio_is_one_on_real_tempered_rollouts():
     when both score softmax(logits / T), and visibly not 1 if the loss scored T = 1."""
     from test_executor import ROWS, tiny_model, tok
     model = tiny_model()
-    cfg = A.RunConfig(mode="async", capacity=4, temperature=0.7, seed=3, max_worker_tokens=40,
+    cfg = E.RunConfig(mode="async", capacity=4, temperature=0.7, seed=3, max_worker_tokens=40,
                       max_organizer_tokens=60)
-    eps = A.Executor(model, tok, cfg).run(ROWS * 3)
+    eps = E.Executor(model, tok, cfg).run(ROWS * 3)
     batches = grpo.thread_batches(eps, [1.0] * len(eps), max_tokens=10_000)
     n = 0
     with torch.no_grad():
@@ -135,8 +136,8 @@ def test_thread_batches_mask_prompts_and_injected_tokens():
     Oracle: each thread's own record (prompt, out, injected, logprobs), found segment by
     segment in the packed rows."""
     from test_executor import FORK_ALL, ROWS, scripted, tiny_model, tok
-    cfg = A.RunConfig(mode="async", capacity=4)
-    eps = A.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([FORK_ALL]))
+    cfg = E.RunConfig(mode="async", capacity=4)
+    eps = E.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([FORK_ALL]))
     batches = grpo.thread_batches(eps, [0.7, 0.0], max_tokens=10_000)  # 2nd structure skipped
     n_trained = sum(int((y != -1).sum()) for _, y, _, _, _ in batches)
     ep = eps[0]
@@ -186,8 +187,8 @@ def test_thread_credit_by_hand():
           1: worker_script(2, "1+2"), 2: worker_script(1, "none")}
     s1 = {0: fork(1, "a") + fork(2, "b") + fork(3, "c") + join(1) + join(2) + join(3) + ANSWER,
           1: worker_script(2, "2+4"), 2: worker_script(3, "6/2, 1+2"), 3: worker_script(0, "5-2")}
-    cfg = A.RunConfig(mode="async", capacity=4)
-    eps = A.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([s0, s1]))
+    cfg = E.RunConfig(mode="async", capacity=4)
+    eps = E.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([s0, s1]))
     assert [grpo.worker_reward(th, ROWS[0], tok) for th in eps[1].threads[1:]] == [-1.0, 2.0, 1.0]
     advs = grpo.thread_advantages(eps, [0.5, -0.5], 2, "thread", tok)
     assert advs[0] == pytest.approx([0.5, 1.0, -1.0])

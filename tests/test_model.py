@@ -3,14 +3,12 @@ uncached forward of the same sequence, and a Hugging Face GPT-2 checkpoint must 
 the same logits as transformers' own GPT2LMHeadModel."""
 
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import GPT, GPTConfig, KVCache, PRESETS, rotary  # noqa: E402
+from model import GPT, GPTConfig, KVCache, PRESETS, rotary
 
 V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -17,9 +17,9 @@ from functools import lru_cache
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import tasks
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import tasks  # noqa: E402
 
 # ----------------------------------------------------------------------------
 # Independent countdown oracle. A tree is an int or (op, left, right).
