@@ -36,12 +36,10 @@ solve` wrote and follows each answer from the worker that found it to the organi
            29  first step wrong
            ...
 
-(the default rl.pt on the README's 100 test puzzles: its workers rarely find k answers, and its
-organizer rarely copies the ones they found; most wrong numbers are a neighbour of the right one;
-a wrong find starts most often at the distance "30-21=9", then at a number claimed to be left).
+(an example output: read it as "the workers rarely find k answers, the organizer rarely copies
+what they found, and a wrong find starts most often at a distance"; BENCHMARKS.md keeps the runs).
 Last, every async worker's text is compared with the one the solver writes for its sub-query,
-and the first token where they part is named by kind: of 689 workers above, 52 are exact and 310
-first go wrong at a distance result.
+and the first token where they part is named by kind (a distance result, a verdict, a copy).
 """
 
 import argparse

@@ -24,8 +24,9 @@ Every tag is ONE special token, so the executor drives its state machine from to
 list of NAMED format errors. From the events, `timeline` computes the reference latency (decode
 steps on the critical path; injected tokens are free) and the thinking concurrency eta.
 
-The tokenizer is byte-level by default: every byte, so every digit, is one token (arithmetic
-stays legible to a small model), plus the protocol's special tokens. `load_gpt2_tokenizer` reads
+The default tokenizer (`Tokenizer.numbers`) has a token for each byte, one for each run of 1-3
+digits ("12"), one for each word the traces use, then the protocol's special tokens;
+`Tokenizer.bytes_level` keeps only the bytes (every digit one token). `load_gpt2_tokenizer` reads
 a pretrained GPT-2's own BPE from a local checkpoint folder instead. Nothing is downloaded.
 """
 

@@ -152,7 +152,7 @@ def below(b, rest):
 
 def sudoku_attempt(grid, row):
     """Fill row `row` (0-based) of the grid where a cell has one candidate left.
-    Returns (text, {cell: digit}) with the cells it fixed."""
+    Returns (text, {cell: digit} of the cells it fixed, the takeaway: "r1c2=3 r1c4=1" or "none")."""
     lines, fixed = [], {}
     for cell in range(row * 4, row * 4 + 4):
         if grid[cell] != ".":
@@ -542,7 +542,7 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
 # Command line: look at traces, and measure them
 
 def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5):
-    """Token lengths, latency, eta and answer quality of n traces (byte-level tokens)."""
+    """Token lengths, latency, eta and answer quality of n traces (the default tokenizer)."""
     tok = P.Tokenizer.numbers()
     rng = random.Random(seed)
     org, work, lat, eta, full = [], [], [], [], 0

@@ -59,18 +59,12 @@ class TrainConfig:
     init: str = ""                  # start SFT from a pretrained GPT-2 folder
     number_init: str = "fourier"    # fourier | random: number embeddings (model.init_number_embeddings)
     resume: bool = False
-    # SFT. The default fills a wall-clock budget instead of a step count: what the model learns
-    # depends steeply on the steps it gets (at 2000 steps of 2 traces it writes the format but is
-    # never all correct, at 6000 it is in 11-14% of puzzles: BENCHMARKS.md), and 2-core machines
-    # differ by 2x in speed (0.2-0.44 s per step), so a fixed count either wastes a fast machine's
-    # 15 minutes or overruns a slow one's. Many small steps learn faster here than few large
-    # ones (1500 x 2 traces beat 600 x 8 in the same time).
+    # SFT fills a wall-clock budget, not a step count: what the model learns depends steeply on
+    # the steps it gets, and 2-core machines differ by 2x in speed (BENCHMARKS.md has the figures)
     sft_steps: int = 0              # 0: as many as fit in sft_minutes, timed on this machine
-    sft_minutes: float = 12.0       # the budget sft_steps=0 fills, timed on early steps (~8%
-                                    # faster than the average step), plus the evaluations at step
-                                    # 2000 and at the end (~20-35 s each): 13 budgeted minutes
-                                    # took 15:00 in all on the 2-core box, so 12
-    sft_episodes: int = 2           # traces (each several threads) per step
+    sft_minutes: float = 12.0       # 12, not 15: the timed early steps are faster than the
+                                    # average one, and the evaluations come on top
+    sft_episodes: int = 2           # traces per step: many small steps beat few large ones
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
     min_lr: float = 3e-4
@@ -80,20 +74,17 @@ class TrainConfig:
     hint_share: float = 0.5
     organizer_weight: float = 1.0   # loss weight of the organizer's tokens (forks, tallies, answer)
     copy_drills: int = 0            # tally drills per countdown trace (traces.tally_drill): they
-                                    # grow a copy head, but cost steps; off at 15 min (BENCHMARKS.md)
-    # RL (defaults: <= 20 minutes on 2 CPU cores: ~22 s per step, rollout 10-15 s, update ~7 s;
-    # 36 steps took 13 min)
+                                    # grow a copy head, but cost steps the budget lacks
+    # RL: the defaults stay under 20 minutes on 2 CPU cores
     rl_steps: int = 36
     questions: int = 4              # questions per RL step (G structures each: 16 episodes)
     group: int = 4                  # G rollouts per question
     inner_updates: int = 2
     rl_lr: float = 1e-4
     clip_eps: float = 0.2
-    kl_coef: float = 0.1            # KL to the SFT model: without it the default run's arithmetic
-                                    # fell apart (distance 49% -> 12% right) while R_A was ~0
-    temperature: float = 0.7        # rollouts: at 1.0 the default SFT model broke the format in
-                                    # 84% of episodes (34% greedy), at 0.7 in 50%: 1.0 leaves RL
-                                    # groups of format penalties only
+    kl_coef: float = 0.1            # KL to the SFT model: without it the arithmetic fell apart
+    temperature: float = 0.7        # rollouts: at 1.0 the SFT model breaks the format so often
+                                    # that groups hold format penalties only
     tau: float = 0.75               # concurrency reward cap on eta / c (grpo.py: why not 0.5)
     lam: float = 0.2                # concurrency reward weight
     format_penalty: float = -0.5    # grpo.py: why not -1
@@ -107,10 +98,8 @@ class TrainConfig:
     max_worker_tokens: int = 320
     # evaluation (greedy; parallel workers sample, or they would all write the same text)
     eval_parallel_temperature: float = 0.5
-    eval_every: int = 2000          # SFT steps between evaluations (and at the last step): one
-                                    # half way on a fast machine, else at the end only (each
-                                    # costs ~15-35 s of the 15 minutes; before ~1500 steps the
-                                    # model is rarely valid)
+    eval_every: int = 2000          # SFT steps between evaluations (and at the last step); before
+                                    # ~1500 steps the model is rarely valid
     eval_n: int = 32
     stop_at: int = 0                # stop (with a checkpoint) after this step: tests, split runs
     ckpt_every: int = 50
@@ -266,7 +255,7 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
 # Logging
 
 class Log:
-    """metrics.jsonl in the run folder (rank 0 only), and the last values for the bar."""
+    """Appends one JSON row per step to metrics.jsonl in the run folder (rank 0 only)."""
 
     def __init__(self, run_dir, rank):
         self.path, self.rank = os.path.join(run_dir, "metrics.jsonl"), rank
