@@ -314,18 +314,6 @@ class GPT(nn.Module):
         cache.lengths[slots] = start + n_new
         return logits
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Notebook convenience: plain sampling without a cache (the executor owns real decoding)."""
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.config.block_size:])[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
-
     # ------------------------------------------------------------ pretrained
     @classmethod
     def from_pretrained(cls, path, vocab_size=None):
@@ -443,15 +431,6 @@ class KVCache:
     def free(self, slot):
         """Forget a slot's tokens; the slot can be reused for a new sequence."""
         self.lengths[slot] = 0
-
-    def copy_prefix(self, src, dst, n):
-        """Make slot dst hold the first n tokens of slot src (e.g. a worker thread that
-        starts from the organizer's context). src == dst truncates the slot to n."""
-        if not 0 <= n <= int(self.lengths[src]):
-            raise ValueError(f"copy_prefix: n={n} but slot {src} holds {int(self.lengths[src])} tokens")
-        self.k[:, dst, :n] = self.k[:, src, :n]
-        self.v[:, dst, :n] = self.v[:, src, :n]
-        self.lengths[dst] = n
 
     def reset(self):
         """Free every slot."""

@@ -78,7 +78,7 @@ def test_multi_token_append_into_nonempty_slot(model):
     assert cache.lengths.tolist() == [0, 12]
 
 
-def test_free_reuse_and_copy_prefix(model):
+def test_free_reuse_and_reset(model):
     g = torch.Generator().manual_seed(3)
     a, b, cont = torch.randint(V, (9,), generator=g), torch.randint(V, (4,), generator=g), torch.randint(V, (5,), generator=g)
     cache = model.new_cache(n_slots=3, max_len=20)
@@ -90,17 +90,11 @@ def test_free_reuse_and_copy_prefix(model):
         torch.testing.assert_close(logits[0], full_logits(model, b), **TOL)
 
         model.forward_cached(a[None], cache, torch.tensor([1]))
-        cache.copy_prefix(1, 2, 6)  # slot 2 := first 6 tokens of a
-        assert int(cache.lengths[2]) == 6
-        for i, tok in enumerate(cont):  # decode a different continuation in the copy
-            logits = model.forward_cached(tok.view(1, 1), cache, torch.tensor([2]))
-            ref = full_logits(model, torch.cat([a[:6], cont[: i + 1]]))[-1]
-            torch.testing.assert_close(logits[0, 0], ref, **TOL)
-        # the source slot is untouched: continue it and compare
-        logits = model.forward_cached(cont[None, :2], cache, torch.tensor([1]))
-        torch.testing.assert_close(logits[0], full_logits(model, torch.cat([a, cont[:2]]))[-2:], **TOL)
-    with pytest.raises(ValueError):
-        cache.copy_prefix(0, 1, 99)
+        for i, tok in enumerate(cont):  # slot 1 decodes on; slot 0 is not disturbed
+            logits = model.forward_cached(tok.view(1, 1), cache, torch.tensor([1]))
+            torch.testing.assert_close(logits[0, 0], full_logits(model, torch.cat([a, cont[: i + 1]]))[-1], **TOL)
+        logits = model.forward_cached(cont[None, :2], cache, torch.tensor([0]))
+        torch.testing.assert_close(logits[0], full_logits(model, torch.cat([b, cont[:2]]))[-2:], **TOL)
     cache.reset()
     assert cache.lengths.tolist() == [0, 0, 0]
 
