@@ -29,7 +29,7 @@ import compare
 import protocol as P
 import tasks
 import traces
-from executor import MODES, Episode, Executor, RunConfig
+from executor import MODES, PARALLEL_TEMPERATURE, Episode, Executor, RunConfig
 from model import GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def add_run_flags(ap):
 def run_config(args):
     temperature = args.temperature
     if temperature is None:
-        temperature = 0.5 if args.mode == "parallel" else 0.0
+        temperature = PARALLEL_TEMPERATURE if args.mode == "parallel" else 0.0
     cfg = RunConfig(mode=args.mode, capacity=args.capacity, n_parallel=args.n_parallel,
                     temperature=temperature, top_k=args.top_k, seed=args.seed,
                     max_organizer_tokens=args.max_organizer_tokens,

@@ -59,6 +59,8 @@ import tasks
 from model import GPT
 
 MODES = ("sequential", "parallel", "async")
+PARALLEL_TEMPERATURE = 0.5  # greedy evaluation, except parallel workers: greedy ones would all
+                            # write the same text from the same question
 
 # A thread's states:  QUEUED -> RUNNING <-> WAITING -> DONE, or STOPPED when its episode ends
 # first; a parallel-mode organizer is PARALLEL from the start (it never decodes) until DONE.

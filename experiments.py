@@ -142,7 +142,7 @@ def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=3
                organizer_tokens=organizer_tokens, worker_tokens=worker_tokens,
                **{key: 100 * v for key, v in m.items() if key.startswith("ge")},
                all_correct=100 * m["all"], latency=m["latency"], eta=m["eta"],
-               eta_over_c=100 * m["eta"] / (1 if mode == "sequential" else capacity),
+               eta_over_c=100 * m["eta"] / run.pool_capacity(),
                tokens=m["tokens"], format_error_rate=100 * (1 - m["format_ok"]),
                wall_s=sum(r["wall_s"] for r in records) / len(records), seconds=seconds)
     return row, records
@@ -469,7 +469,7 @@ def main(argv=None):
     def ev(name, path, rows, mode, paper="", capacity=4, organizer_tokens=org, worker_tokens=wrk):
         print(f"[experiments] evaluating {name}")
         temp = cfg.eval_parallel_temperature if mode == "parallel" else 0.0
-        row, records = evaluate(path, rows, mode, 1 if mode == "sequential" else capacity,
+        row, records = evaluate(path, rows, mode, E.RunConfig(mode=mode, capacity=capacity).pool_capacity(),
                                 organizer_tokens, worker_tokens, temp, device, args.seed)
         return {"name": name, "paper": paper, **row}, records
 

@@ -97,7 +97,7 @@ class TrainConfig:
     max_organizer_tokens: int = 900
     max_worker_tokens: int = 320
     # evaluation (greedy; parallel workers sample, or they would all write the same text)
-    eval_parallel_temperature: float = 0.5
+    eval_parallel_temperature: float = E.PARALLEL_TEMPERATURE
     eval_every: int = 2000          # SFT steps between evaluations (and at the last step); before
                                     # ~1500 steps the model is rarely valid
     eval_n: int = 32
