@@ -24,6 +24,13 @@ Four measurements, each printed as a table with its ratios:
      speedup the protocol predicts: total tokens / critical path of the produced trajectory.
   4. The KV cache's size: `cache.nbytes()` vs 2 * n_layer * n_slots * max_len * n_embd * 4 bytes,
      and how much the process's resident memory grows when the cache is allocated and written.
+  5. With --ckpt, real episodes: a trained checkpoint samples its own structures at RL's batch
+     (16 episodes = 4 questions x G 4, temperature 0.7, the RL token limits), as the RL stage's
+     rollouts do: tokens/s, the executor against the bare replay of its forwards, and how many
+     cached keys the batched decode reads against how many its rows need (every row of a forward
+     reads up to the longest row's length).
+
+    python bench.py --ckpt runs/countdown-async/sft.pt     # sections 1-4, then 5
 
 Timings: the methods run side by side in each repeat (the machine is noisy), after a warm-up run,
 and the median over repeats is reported. torch keeps its default thread count (--threads to set).
@@ -43,7 +50,7 @@ import torch.nn.functional as F
 
 import protocol as P
 import tasks
-from asyncthink import pick_device, trajectory
+from asyncthink import load_model, pick_device, trajectory
 from executor import Executor, RunConfig
 from model import GPT, GPTConfig
 
@@ -210,6 +217,8 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; quick 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default torch's; quick 1)")
     ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    ap.add_argument("--ckpt", default=None, help="a trained checkpoint: also time its real episodes (5.)")
+    ap.add_argument("--real-episodes", type=int, default=16, help="episodes at once for 5. (RL's batch: 16)")
     return ap.parse_args(argv)
 
 
@@ -372,6 +381,49 @@ def bench(args):
             mib(mem["touched"]), mib(mem["peak"])]])
     print("\nRSS: /proc/self/statm before and after (tracemalloc does not see torch's allocator); "
           "torch.zeros writes every page, so the cache is resident as soon as it is allocated.")
+    return bench_real(args, device, repeats) if args.ckpt else 0
+
+
+def keys_read(calls):
+    """(cached keys the decode forwards read, keys their rows need): a batched decode reads every
+    row up to the longest row's length, so the first is rows * (max length + 1) per forward."""
+    read = need = 0
+    for slots, lengths, idx, _ in calls:
+        if idx.size(1) == 1:
+            read += len(slots) * (int(lengths.max()) + 1)
+            need += int((lengths + 1).sum())
+    return read, need
+
+
+def bench_real(args, device, repeats):
+    """5. A trained checkpoint's own episodes at RL's batch, sampled as RL samples them."""
+    try:
+        model, tok = load_model(args.ckpt, device)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 2
+    model.eval()
+    n = max(1, args.real_episodes)
+    rows = tasks.make_puzzles("countdown", "small", n=n, seed=0, split="train")
+    cfg = RunConfig(mode="async", capacity=4, temperature=0.7, seed=0, batch_episodes=n,
+                    max_organizer_tokens=900, max_worker_tokens=320)
+    rec = RecordingExecutor(model, tok, cfg)
+    episodes = rec.run(rows)  # the warm-up, and the forwards to replay
+    tokens = sum(th.generated for ep in episodes for th in ep.threads)
+    bare = model.new_cache(rec.n_slots, cfg.max_len)
+    times = {"executor": [], "bare": []}
+    for _ in range(repeats):  # the same seed: every repeat decodes the same episodes
+        times["executor"].append(timed(lambda: Executor(model, tok, cfg).run(rows), device))
+        times["bare"].append(timed(lambda: replay_bare(model, rec.calls, bare), device))
+    ex_s, bare_s = (statistics.median(times[key]) for key in ("executor", "bare"))
+    read, need = keys_read(rec.calls)
+    print(f"\n## 5. Real episodes: {args.ckpt}, {n} at once (temperature 0.7, RL's token limits)\n")
+    table(["episodes", "tokens", "steps", "forward calls", "executor tok/s", "bare forward tok/s",
+           "overhead", "keys read / keys needed"],
+          [[str(n), str(tokens), str(rec.clock), str(len(rec.calls)), f"{tokens / ex_s:.0f}",
+            f"{tokens / bare_s:.0f}", f"{100 * (ex_s / bare_s - 1):+.0f}%", f"{read / need:.2f}"]])
+    stops = sorted({ep.stop_reason for ep in episodes})
+    print(f"\nhow the episodes ended: {', '.join(stops)}; their mean tokens: {tokens / n:.0f}")
     return 0
 
 

@@ -1,8 +1,12 @@
 """bench.py runs end to end in --quick mode (tiny model, a few seconds) and prints its four
 sections. It checks that the benchmark works, not how fast anything is: speed is measured by
-`python asyncthink.py bench` and recorded in BENCHMARKS.md."""
+`python bench.py` and recorded in BENCHMARKS.md."""
+
+import torch
 
 import bench
+import protocol as P
+from model import GPT, GPTConfig, save_checkpoint
 
 
 def test_quick_bench_prints_all_four_sections(capsys):
@@ -12,6 +16,25 @@ def test_quick_bench_prints_all_four_sections(capsys):
                    "## 4. KV cache memory"):
         assert header in out, header
     assert "MiB" in out and "x |" in out  # the tables hold figures and ratios
+
+
+def test_real_episodes_section_runs_on_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "tiny.pt"
+    torch.manual_seed(0)
+    tok = P.Tokenizer.numbers()
+    save_checkpoint(str(path), GPT(GPTConfig.preset("tiny", tok.n_vocab)), tokenizer=tok.spec())
+    assert bench.main(["--quick", "--ckpt", str(path), "--real-episodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "## 5. Real episodes" in out and "keys read / keys needed" in out
+    assert bench.main(["--quick", "--ckpt", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_keys_read_counts_the_padding_to_the_longest_row():
+    # one decode forward over slots at lengths 3 and 9: each row reads 10 keys (9 + the new one),
+    # though the first needs 4; a prefill (2 new tokens) is not a decode and is not counted
+    decode = (torch.tensor([0, 1]), torch.tensor([3, 9]), torch.zeros(2, 1), None)
+    prefill = (torch.tensor([2]), torch.tensor([0]), torch.zeros(1, 2), torch.tensor([2]))
+    assert bench.keys_read([decode, prefill]) == (20, 14)
 
 
 def test_training_speed_benchmark_runs(capsys):
