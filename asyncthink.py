@@ -6,8 +6,8 @@ turns an ended episode into what the rest of the project reads:
 
     trajectory(ep)  protocol.parse of what the episode produced: the named format errors
     record(ep)      one JSON-able dict per episode: answers, correct, latency (the critical path,
-                    protocol.timeline), eta, tokens, format errors, the stop reason, the timeline,
-                    and for RL the sampled tokens with their log-probs
+                    protocol.timeline), eta, tokens, format errors, the stop reason, the texts
+                    and the executor's timeline (RL reads its tokens from the episode itself)
     metrics         the mean of records: >=1 .. all correct, latency, eta, format errors
 
 and the command line:
@@ -29,7 +29,7 @@ import compare
 import protocol as P
 import tasks
 import traces
-from executor import MODES, PARALLEL_TEMPERATURE, Episode, Executor, RunConfig
+from executor import ANSWERED, MODES, PARALLEL_TEMPERATURE, Episode, Executor, RunConfig
 from model import GPT, load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     # before its answer may have stopped in a worker while the organizer waited (its path would
     # read 0): it counts the steps it ran.
     latency = P.critical_path(traj)
-    if ep.stop_reason != "answer":
+    if ep.stop_reason != ANSWERED:
         latency = max(latency, steps)
     return {**ep.row, "mode": cfg.mode, "answers": traj.answers, "n_correct": n_correct,
             "correct": solved, "latency": latency,

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import protocol as P
 import tasks
 from asyncthink import load_model, pick_device, trajectory
-from executor import Executor, RunConfig
+from executor import ANSWERED, Executor, RunConfig
 from model import GPT, GPTConfig
 
 
@@ -288,7 +288,7 @@ def bench(args):
 
     def check(episodes):
         stops = {ep.stop_reason for ep in episodes}
-        assert stops == {"answer"}, f"a scripted episode did not end with its answer: {stops}"
+        assert stops == {ANSWERED}, f"a scripted episode did not end with its answer: {stops}"
         return episodes
 
     # Warm-up runs, which also record each size's threads and forward calls

@@ -210,11 +210,10 @@ class Executor:
     def step(self):
         """One decode step of every episode in flight; returns the episodes that ended in it."""
         self.admit()                                                       # 1.
-        self.push_feeds([th for ep in self.active for th in ep.threads
-                         if th.state == RUNNING])                          # 2.
+        running = [th for ep in self.active for th in ep.threads if th.state == RUNNING]
+        self.push_feeds(running)                                           # 2.
         self.clock += 1
-        ready = [th for ep in self.active for th in ep.threads
-                 if th.state == RUNNING and th.logits is not None and not th.feed]
+        ready = [th for th in running if th.logits is not None and not th.feed]  # pushing changes no state
         if ready:
             self.sample_and_advance(ready)                                 # 3. and 4.
         return self.retire()                                               # 5.
