@@ -17,20 +17,21 @@ and the command line:
     python asyncthink.py compare A.jsonl B.jsonl     # paired comparison (compare.py)
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
 import torch
+from tqdm import tqdm
 
+import cli
 import compare
 import protocol as P
 import tasks
 import traces
 from executor import ANSWERED, MODES, PARALLEL_TEMPERATURE, Episode, Executor, RunConfig
-from model import GPT, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # Results: the trajectory as the protocol sees it, metrics, and the record
@@ -157,7 +158,6 @@ def solve(model, tok, rows, cfg: RunConfig, progress=True, out=None):
     """Run every row in `cfg.mode`; returns the records (see `record`) in row order. With `out`
     (a text file), each record is also written to it as a JSON line as soon as its episode
     ends, so a run that is killed keeps the episodes it finished."""
-    from tqdm import tqdm
     bar = tqdm(total=len(rows), desc=f"solve {cfg.mode}", unit="ep", disable=not progress,
                file=sys.stderr)
     records = {}
@@ -248,7 +248,7 @@ def run_config(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="AsyncThink: run the Fork/Join executor.")
+    ap = cli.ArgumentParser(description="AsyncThink: run the Fork/Join executor.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("solve", help="solve puzzles from a JSONL file (rows of `tasks.py make`)")
     s.add_argument("--ckpt", required=True, help="checkpoint file, or a pretrained GPT-2 folder")
@@ -267,7 +267,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.command == "init":
-            from model import GPTConfig, save_checkpoint
             torch.manual_seed(args.seed)
             tok = P.Tokenizer.numbers()
             model = GPT(GPTConfig.preset(args.preset, tok.n_vocab))
@@ -285,8 +284,7 @@ def main(argv=None):
         partial = args.output + ".partial"
         out = open(partial, "w")
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"asyncthink.py {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail(f"asyncthink.py {args.command}", e)
     t0 = time.perf_counter()
     with out:
         records = solve(model, tok, rows, cfg, out=out)

@@ -47,7 +47,9 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import cli
 import protocol as P
 import tasks
 from asyncthink import load_model, pick_device, trajectory
@@ -208,7 +210,7 @@ def episode_counts(s):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Executor speed benchmarks.")
+    ap = cli.ArgumentParser(description="Executor speed benchmarks.")
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes (a few seconds)")
     ap.add_argument("--episodes", type=episode_counts, default=None,
                     help="concurrent episodes, comma-separated (default 1,8,32; quick 1,2)")
@@ -270,9 +272,7 @@ def bench(args):
         if need > cfg.block_size:
             raise ValueError(f"the script needs {need} positions per slot; the model has {cfg.block_size}")
     except ValueError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        return 2
-    from tqdm import tqdm
+        return cli.fail("bench.py", e)
     torch.manual_seed(0)
     model = GPT(cfg).to(device).eval()
     rows = tasks.make_puzzles("countdown", "small", n=max(counts), seed=0)
@@ -400,8 +400,7 @@ def bench_real(args, device, repeats):
     try:
         model, tok = load_model(args.ckpt, device)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("bench.py", e)
     model.eval()
     n = max(1, args.real_episodes)
     rows = tasks.make_puzzles("countdown", "small", n=n, seed=0, split="train")

@@ -21,8 +21,8 @@ RL's split between rollout and update is logged per step by `train.py --stage rl
 (rollout_s, update_s, rollout_tokens_per_s in metrics.jsonl).
 """
 
-import argparse
 import random
+import sys
 import statistics
 import time
 from contextlib import nullcontext
@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import torch
 
 import asyncthink as A
+import cli
 import protocol as P
 import train
 from model import GPT, GPTConfig
@@ -102,7 +103,7 @@ def bare_step(fwd, model, opt, batches, device="cpu", autocast=nullcontext()):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    ap = cli.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--preset", default="small", choices=sorted(train.PRESETS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--episodes", type=int, default=None, help="traces per step (default: the preset's)")
@@ -124,7 +125,7 @@ def main(argv=None):
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     ours, bare, padded = models
-    _, fwd_ours, autocast = train.wrap(ours, cfg, 1, device)  # train.py's own forward and autocast
+    fwd_ours, autocast = train.wrap(ours, cfg, 1, device)  # train.py's own forward and autocast
     fwd_bare, fwd_padded = (torch.compile(m) if cfg.compile else m for m in (bare, padded))
     opts = [train.make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
     rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for all three
@@ -138,7 +139,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         batches = train.micro_batches(seqs(rng_ours), cfg.micro_tokens, tok.pad)  # inside the step
         t_data.append(time.perf_counter() - t0)
-        train.sft_step(fwd_ours, ours, opts[0], batches, cfg, device, autocast=autocast)
+        train.sft_step(fwd_ours, opts[0], batches, cfg, device, autocast=autocast)
         sync(device)
         t_ours.append(time.perf_counter() - t0)
         for fwd, model, opt, data, times in [(fwd_bare, bare, opts[1], packed, t_bare),
@@ -178,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -20,10 +20,10 @@ test puzzles; BENCHMARKS.md records each such claim with the command that printe
 """
 
 import math
-import sys
 
 import numpy as np
 
+import cli
 import tasks
 
 BINARY = ["all", "ge1", "ge2", "ge3", "format_error"]   # yes/no per puzzle: McNemar applies
@@ -123,8 +123,7 @@ def report(result, a_name, b_name):
 
 
 def main(argv):
-    import argparse
-    ap = argparse.ArgumentParser(prog="asyncthink.py compare",
+    ap = cli.ArgumentParser(prog="asyncthink.py compare",
                                  description="paired comparison of two `solve` outputs on the same puzzles")
     ap.add_argument("a", help="JSONL written by `asyncthink.py solve` (the baseline, e.g. sft.pt's)")
     ap.add_argument("b", help="JSONL written by `asyncthink.py solve` (the candidate, e.g. rl.pt's)")
@@ -144,7 +143,6 @@ def main(argv):
             rows.append(rs)
         result = compare(*rows, n_boot=args.bootstrap, seed=args.seed)
     except (ValueError, OSError) as e:
-        print(f"asyncthink.py compare: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("asyncthink.py compare", e)
     print(report(result, args.a, args.b))
     return 0

@@ -42,7 +42,6 @@ Last, every async worker's text is compared with the one the solver writes for i
 and the first token where they part is named by kind (a distance result, a verdict, a copy).
 """
 
-import argparse
 import json
 import random
 import re
@@ -52,6 +51,7 @@ from collections import Counter, defaultdict
 import torch
 
 import asyncthink as A
+import cli
 import protocol as P
 import tasks
 import traces
@@ -310,7 +310,7 @@ def table(stats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Where a countdown model goes wrong: teacher-forced accuracy "
+    ap = cli.ArgumentParser(description="Where a countdown model goes wrong: teacher-forced accuracy "
                                  "by kind of token (--ckpt), or whole solved episodes (--episodes).")
     ap.add_argument("--ckpt", help="a checkpoint written by train.py")
     ap.add_argument("--episodes", help="instead: the JSONL asyncthink.py solve wrote (countdown)")
@@ -328,24 +328,23 @@ def main(argv=None):
             print(funnel_table(episode_funnel(countdown)))
             print(divergence_table(worker_divergence(countdown, P.Tokenizer.numbers())))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            print(f"error: {args.episodes} is not a file asyncthink.py solve wrote ({type(e).__name__}: {e})",
-                  file=sys.stderr)
-            sys.exit(2)
-        return
+            return cli.fail("diagnose.py", f"{args.episodes} is not a file asyncthink.py solve wrote "
+                                           f"({type(e).__name__}: {e})")
+        return 0
     if not args.ckpt:
         ap.error("give --ckpt (a checkpoint) or --episodes (a solve output)")
     try:
         model, tok = A.load_model(args.ckpt)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return cli.fail("diagnose.py", e)
     print(table(diagnose(model, tok, args.preset, args.n, args.seed)))
     scores = copy_attention(model, tok, args.preset, args.n, args.seed)
     print("\ncopy attention per head: the share of its attention on the source of a copy "
           "(copy drills; near 1 = a copy head)")
     for layer, row in enumerate(scores.tolist()):
         print(f"layer {layer}: " + "  ".join(f"{s:.2f}" for s in row))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

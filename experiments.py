@@ -22,13 +22,20 @@ and a half-trained one resumes, so a killed experiment continues where it stoppe
 folder to start over.
 """
 
-import argparse
 import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+
+import matplotlib.pyplot as plt
+import torch
 
 import asyncthink as A
+import cli
 import executor as E
 import protocol as P
 import tasks
@@ -69,12 +76,12 @@ def finished_steps(ckpt):
     """The step a checkpoint was saved at (0 if there is none)."""
     if not os.path.exists(ckpt):
         return 0
-    import torch
     return torch.load(ckpt, map_location="cpu", weights_only=True).get("step", 0)
 
 
-def train_job(out, name, stage, task, mode, steps, extra=(), device="cpu"):
-    """The train.py command line for one stage into out/name, or None when it is done already.
+def train_job(budget, out, name, stage, task, mode, steps, extra=(), device="cpu"):
+    """The train.py command line for one stage into out/name (budget: one of BUDGETS), or None
+    when it is done already.
     A stage killed half way has a checkpoint of an earlier step: it is resumed, not restarted."""
     run_dir = os.path.join(out, name)
     done = finished_steps(os.path.join(run_dir, f"{stage}.pt"))
@@ -82,18 +89,20 @@ def train_job(out, name, stage, task, mode, steps, extra=(), device="cpu"):
         print(f"[experiments] {name} {stage}: reusing {run_dir}/{stage}.pt ({done} steps)")
         return None
     steps_flag = "--sft-steps" if stage == "sft" else "--rl-steps"
-    argv = ["--stage", stage, "--preset", BUDGET["preset"], "--task", task, "--mode", mode,
+    argv = ["--stage", stage, "--preset", budget["preset"], "--task", task, "--mode", mode,
             "--run-dir", run_dir, steps_flag, str(steps), "--eval-every", "0", "--device", device,
-            "--copy-drills", str(BUDGET["copy_drills"]),
+            "--copy-drills", str(budget["copy_drills"]),
             *extra, *(["--resume"] if done else [])]
     return name, stage, argv
+
+
+class TrainingFailed(Exception):
+    """A train.py job exited with an error (its log names it)."""
 
 
 def run_jobs(jobs, n_parallel):
     """Run train.py jobs, n_parallel at a time (each with 1/n_parallel of the CPU threads);
     each job's output goes to its run folder's train-<stage>.log. Returns [(name, stage, s)]."""
-    import subprocess
-    from concurrent.futures import ThreadPoolExecutor
     env = dict(os.environ)
     if n_parallel > 1:  # two 1-thread processes beat one 2-thread process on 2 cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
@@ -109,7 +118,7 @@ def run_jobs(jobs, n_parallel):
                                   env=env, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
         seconds = time.perf_counter() - t0
         if code != 0:
-            raise SystemExit(f"experiments.py: error: {name} {stage} failed (exit {code}); see {log}")
+            raise TrainingFailed(f"{name} {stage} failed (exit {code}); see {log}")
         print(f"[experiments] done {name} {stage} in {seconds / 60:.1f} min", flush=True)
         return name, stage, seconds
 
@@ -153,7 +162,6 @@ def evaluate(ckpt, rows, mode, capacity=4, organizer_tokens=900, worker_tokens=3
 
 def plot_frontier(rows, path):
     """All-correct accuracy against latency, one point per countdown configuration."""
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     colors = {"sequential": "tab:blue", "parallel": "tab:orange", "async": "tab:green"}
     for r in rows:
@@ -169,7 +177,6 @@ def plot_frontier(rows, path):
 
 
 def plot_capacity(rows, path):
-    import matplotlib.pyplot as plt
     fig, ax1 = plt.subplots(figsize=(6, 4))
     cs = [r["capacity"] for r in rows]
     ax1.plot(cs, [r["all_correct"] for r in rows], "o-", color="tab:green", label="all correct (%)")
@@ -188,7 +195,6 @@ def plot_capacity(rows, path):
 
 def plot_rl(metrics_path, path):
     """Reward, accuracy, latency and eta of the async model across RL steps."""
-    import matplotlib.pyplot as plt
     rows = [json.loads(line) for line in open(metrics_path)] if os.path.exists(metrics_path) else []
     rows = [r for r in rows if r.get("stage") == "rl"]
     if not rows:
@@ -211,7 +217,6 @@ def plot_rl(metrics_path, path):
 def plot_timeline(rec, path):
     """A Gantt chart of one episode: a row per thread, bars where it decodes, arrows for
     forks (organizer -> worker) and joins (worker -> organizer)."""
-    import matplotlib.pyplot as plt
     rows = rec["trace"]["timeline"]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
     for y, r in enumerate(rows):
@@ -285,7 +290,7 @@ def discussion(res, asy, best_seq, best_par):
     if best_all < 20:
         lines.append(
             f"- Accuracy is low everywhere (best all-correct {fmt(best_all)}%): at this budget the "
-            f"{BUDGET['preset']} model "
+            f"{BUDGETS[res['budget']]['preset']} model "
             + ("writes mostly valid structures but not yet " if asy["format_error_rate"] < 50 else
                "has not yet learned to write valid structures reliably, nor ")
             + "exact copying and arithmetic over a whole episode, and one wrong number in a "
@@ -303,8 +308,7 @@ def discussion(res, asy, best_seq, best_par):
 
 def write_report(report, out, res, command, seconds):
     """RESULTS.md from the measured rows (every number below comes from `res`)."""
-    import platform
-    import torch
+    budget = BUDGETS[res["budget"]]
     main_rows, ablation_rows = res["main"], res["ablations"]
     by = {r["name"]: r for r in main_rows + ablation_rows + res["sudoku"] + res["capacity"]}
     best_seq, best_par = most_accurate(main_rows, "sequential"), most_accurate(main_rows, "parallel")
@@ -315,9 +319,9 @@ def write_report(report, out, res, command, seconds):
         "",
         f"Written by `{command}` — do not edit by hand; rerun the command.",
         "",
-        f"- budget `{res['budget']}`: model preset `{BUDGET['preset']}`, SFT {BUDGET['sft_steps']} steps and "
-        f"RL {BUDGET['rl_steps']} steps per countdown model (Sudoku: {BUDGET['sudoku_sft_steps']} / "
-        f"{BUDGET['sudoku_rl_steps']}), one training seed ({res['seed']}); "
+        f"- budget `{res['budget']}`: model preset `{budget['preset']}`, SFT {budget['sft_steps']} steps and "
+        f"RL {budget['rl_steps']} steps per countdown model (Sudoku: {budget['sudoku_sft_steps']} / "
+        f"{budget['sudoku_rl_steps']}), one training seed ({res['seed']}); "
         f"{res['n_test']} fresh test-split puzzles per row, the same puzzles for every model",
         f"- hardware: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPU cores, "
         f"device `{res['device']}`, torch {torch.__version__}, Python {platform.python_version()}",
@@ -358,7 +362,7 @@ def write_report(report, out, res, command, seconds):
         "",
         f"The model was trained at c = 4 and its prompt does not say c. Each row gives it a plan in "
         f"its prompt (the structure hints SFT taught it to follow): the sliding window over "
-        f"{BUDGET['sweep_forks']} forks that keeps c−1 workers busy. Plans with more than 3 workers "
+        f"{budget['sweep_forks']} forks that keeps c−1 workers busy. Plans with more than 3 workers "
         f"at once never occurred in training (SFT plans respect c = 4).",
         "",
         table(res["capacity"]),
@@ -398,89 +402,65 @@ def command_line(budget):
 
 def rewrite_report(args):
     """The report again from the rows and timings a finished run saved: no training, no evaluation."""
-    global BUDGET
     path = os.path.join(args.out, "results.json")
     try:
         with open(path) as f:
             res = json.load(f)
-        BUDGET = BUDGETS[res["budget"]]
         write_report(args.report, args.out, res, command_line(res["budget"]), res["seconds"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"experiments.py: error: {path} is not a results.json a finished run wrote "
-              f"({type(e).__name__}: {e})", file=sys.stderr)
-        return 2
+        return cli.fail("experiments.py", f"{path} is not a results.json a finished run wrote "
+                                          f"({type(e).__name__}: {e})")
     print(f"[experiments] rewrote {args.report} from {path} (the run's own rows and times)")
     return 0
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="The paper's experiment in miniature; writes RESULTS.md.")
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
-    ap.add_argument("--out", default="results", help="run folders, plots and results.json")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    ap.add_argument("--seed", type=int, default=0, help="training seed; the test puzzles use it too")
-    ap.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2: one per core)")
-    ap.add_argument("--report", default="RESULTS.md", help="where the tables go")
-    ap.add_argument("--rewrite-report", action="store_true",
-                    help="only rewrite the report from <out>/results.json (after editing the report code)")
-    args = ap.parse_args(argv)
-    global BUDGET
-    BUDGET = BUDGETS[args.budget]
-    if args.rewrite_report:
-        return rewrite_report(args)
-    device = A.pick_device(args.device)
-    cfg = train.parse_args(["--preset", BUDGET["preset"]])  # the preset's token budgets
-    org, wrk = cfg.max_organizer_tokens, cfg.max_worker_tokens
-    out, t_start = args.out, time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    timings = []
-
-    # 1. train: three countdown modes, the ablations, three Sudoku modes. All SFT stages first
-    # (independent of each other), then all RL stages (each needs its own SFT checkpoint).
-    S, R = BUDGET["sft_steps"], BUDGET["rl_steps"]
-    S2, R2 = BUDGET["sudoku_sft_steps"], BUDGET["sudoku_rl_steps"]
+def train_all(budget, out, seed, device, jobs):
+    """Every model the report needs, trained (or reused): three countdown modes, the ablations,
+    three Sudoku modes. All SFT stages first (independent of each other), then all RL stages
+    (each needs its own SFT checkpoint). Returns ({row name: checkpoint}, timings)."""
+    S, R = budget["sft_steps"], budget["rl_steps"]
+    S2, R2 = budget["sudoku_sft_steps"], budget["sudoku_rl_steps"]
     job = lambda name, st, task, mode, steps, *extra: train_job(
-        out, name, st, task, mode, steps, ["--seed", str(args.seed), *extra], device)
-    timings += run_jobs([job(f"{task}-{mode}", "sft", task, mode, S if task == "countdown" else S2)
-                         for task in ("countdown", "sudoku") for mode in E.MODES], args.jobs)
+        budget, out, name, st, task, mode, steps, ["--seed", str(seed), *extra], device)
+    timings = run_jobs([job(f"{task}-{mode}", "sft", task, mode, S if task == "countdown" else S2)
+                        for task in ("countdown", "sudoku") for mode in E.MODES], jobs)
     no_eta = os.path.join(out, "countdown-async-no-eta")
     os.makedirs(no_eta, exist_ok=True)
     if not os.path.exists(os.path.join(no_eta, "sft.pt")):  # the same SFT model, another RL
-        import shutil
         shutil.copy(os.path.join(out, "countdown-async", "sft.pt"), os.path.join(no_eta, "sft.pt"))
     timings += run_jobs([job(f"{task}-{mode}", "rl", task, mode, R if task == "countdown" else R2)
                          for task in ("countdown", "sudoku") for mode in E.MODES]
                         + [job("countdown-async-no-eta", "rl", "countdown", "async", R, "--no-concurrency-reward"),
                            job("countdown-async-scratch", "rl", "countdown", "async", R, "--from-scratch")],
-                        args.jobs)
+                        jobs)
     ckpt = {mode: os.path.join(out, f"countdown-{mode}", "rl.pt") for mode in E.MODES}
     ckpt.update({f"sudoku {m}": os.path.join(out, f"sudoku-{m}", "rl.pt") for m in E.MODES})
     ckpt["async sft"] = os.path.join(out, "countdown-async", "sft.pt")
     ckpt["no R_η"] = os.path.join(no_eta, "rl.pt")
     ckpt["no format SFT"] = os.path.join(out, "countdown-async-scratch", "rl.pt")
-    train_seconds = time.perf_counter() - t_start
+    return ckpt, timings
 
-    # 2. evaluate everything on the same fresh test puzzles
-    n = BUDGET["n_test"]
-    countdown = tasks.make_puzzles("countdown", cfg.puzzles, n=n, seed=args.seed, split="test")
-    sudoku = tasks.make_puzzles("sudoku", "small", n=n, seed=args.seed, split="test")
-    L1, L2 = BUDGET["token_budgets"]
+
+def evaluate_all(budget, ckpt, cfg, seed, device):
+    """Every model on the same fresh test puzzles: the rows of the report's four tables, and
+    the async model's episode records."""
+    n, (L1, L2) = budget["n_test"], budget["token_budgets"]
+    countdown = tasks.make_puzzles("countdown", cfg.puzzles, n=n, seed=seed, split="test")
+    sudoku = tasks.make_puzzles("sudoku", "small", n=n, seed=seed, split="test")
+    org, wrk = cfg.max_organizer_tokens, cfg.max_worker_tokens
 
     def ev(name, path, rows, mode, paper="", capacity=4, organizer_tokens=org, worker_tokens=wrk):
         print(f"[experiments] evaluating {name}")
         temp = cfg.eval_parallel_temperature if mode == "parallel" else 0.0
         row, records = evaluate(path, rows, mode, E.RunConfig(mode=mode, capacity=capacity).pool_capacity(),
-                                organizer_tokens, worker_tokens, temp, device, args.seed)
+                                organizer_tokens, worker_tokens, temp, device, seed)
         return {"name": name, "paper": paper, **row}, records
 
-    main_rows, records = [], {}
-    for L in (L1, L2):
-        main_rows.append(ev(f"sequential L{L}", ckpt["sequential"], countdown, "sequential", "sequential",
-                            organizer_tokens=L)[0])
-    for L in (L1, L2):
-        main_rows.append(ev(f"parallel L{L}", ckpt["parallel"], countdown, "parallel", "parallel",
-                            worker_tokens=L)[0])
-    row, records["async"] = ev("AsyncThink", ckpt["async"], countdown, "async", "async")
+    main_rows = [ev(f"sequential L{L}", ckpt["sequential"], countdown, "sequential", "sequential",
+                    organizer_tokens=L)[0] for L in (L1, L2)]
+    main_rows += [ev(f"parallel L{L}", ckpt["parallel"], countdown, "parallel", "parallel",
+                     worker_tokens=L)[0] for L in (L1, L2)]
+    row, async_records = ev("AsyncThink", ckpt["async"], countdown, "async", "async")
     main_rows.append(row)
     ablations = [ev(name, ckpt[name], countdown, "async", name)[0] for name in ("no R_η", "no format SFT")]
     ablations.append(ev("no RL", ckpt["async sft"], countdown, "async", "no RL")[0])
@@ -492,27 +472,52 @@ def main(argv=None):
     # keeps c-1 workers busy, over a fixed number of forks.
     capacity_rows = []
     for c in CAPACITIES:
-        plan = " ".join(P.window_structure(BUDGET["sweep_forks"], c))
+        plan = " ".join(P.window_structure(budget["sweep_forks"], c))
         rows = [{**row, "plan": plan} for row in countdown]
         capacity_rows.append(ev(f"AsyncThink c={c}, plan", ckpt["async"], rows, "async", capacity=c)[0])
+    return dict(main=main_rows, ablations=ablations, sudoku=sudoku_rows, capacity=capacity_rows), async_records
+
+
+def main(argv=None):
+    ap = cli.ArgumentParser(description="The paper's experiment in miniature; writes RESULTS.md.")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    ap.add_argument("--out", default="results", help="run folders, plots and results.json")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="training seed; the test puzzles use it too")
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at once (default 2: one per core)")
+    ap.add_argument("--report", default="RESULTS.md", help="where the tables go")
+    ap.add_argument("--rewrite-report", action="store_true",
+                    help="only rewrite the report from <out>/results.json (after editing the report code)")
+    args = ap.parse_args(argv)
+    if args.rewrite_report:
+        return rewrite_report(args)
+    budget, device = BUDGETS[args.budget], A.pick_device(args.device)
+    cfg = train.parse_args(["--preset", budget["preset"]])  # the preset's puzzles and token budgets
+    out, t_start = args.out, time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    try:  # 1. train
+        ckpt, timings = train_all(budget, out, args.seed, device, args.jobs)
+    except TrainingFailed as e:
+        return cli.fail("experiments.py", e)
+    train_seconds = time.perf_counter() - t_start
+    rows, async_records = evaluate_all(budget, ckpt, cfg, args.seed, device)  # 2. evaluate
 
     # 3. plots and the report
-    plot_frontier(main_rows + ablations, os.path.join(out, "frontier.png"))
-    plot_capacity(capacity_rows, os.path.join(out, "capacity.png"))
+    plot_frontier(rows["main"] + rows["ablations"], os.path.join(out, "frontier.png"))
+    plot_capacity(rows["capacity"], os.path.join(out, "capacity.png"))
     rl_plot = plot_rl(os.path.join(out, "countdown-async", "metrics.jsonl"), os.path.join(out, "rl_curves.png"))
-    shown = sorted(records["async"], key=lambda r: (r["correct"], len(r["trace"]["timeline"])), reverse=True)
+    shown = sorted(async_records, key=lambda r: (r["correct"], len(r["trace"]["timeline"])), reverse=True)
     if shown:
         plot_timeline(shown[0], os.path.join(out, "timeline.png"))
         with open(os.path.join(out, "timeline.txt"), "w") as f:
             f.write(A.show_timeline(shown[0]) + "\n\n" + shown[0]["trace"]["organizer"] + "\n")
-    res = dict(budget=args.budget, seed=args.seed, n_test=n, device=str(device),
-               parallel_temperature=cfg.eval_parallel_temperature, main=main_rows, ablations=ablations,
-               sudoku=sudoku_rows, capacity=capacity_rows, timings=timings, train_seconds=train_seconds,
-               rl_plot=rl_plot, timeline=bool(shown))
-    seconds = time.perf_counter() - t_start
-    res["seconds"] = seconds
+    res = dict(budget=args.budget, seed=args.seed, n_test=budget["n_test"], device=str(device),
+               parallel_temperature=cfg.eval_parallel_temperature, **rows, timings=timings,
+               train_seconds=train_seconds, rl_plot=rl_plot, timeline=bool(shown))
+    res["seconds"] = seconds = time.perf_counter() - t_start
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({**res, "rows": main_rows + ablations + sudoku_rows + capacity_rows}, f, indent=1)
+        json.dump({**res, "rows": [r for name in ("main", "ablations", "sudoku", "capacity") for r in rows[name]]},
+                  f, indent=1)
     write_report(args.report, out, res, command_line(args.budget), seconds)
     print(f"[experiments] {seconds / 60:.1f} min; wrote {args.report} and {out}/results.json")
     return 0

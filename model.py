@@ -7,13 +7,14 @@ Read top to bottom:
   2. The model: attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
      position embeddings, input and output embeddings tied, GELU (tanh form,
      exactly as GPT-2, so a Hugging Face checkpoint gives identical logits);
-     rotary positions and untied embeddings are config switches.
+     rotary positions, untied embeddings and the previous-token input ("smear")
+     are config switches.
   3. KVCache: one preallocated tensor of keys and one of values, split into
      "slots". Each slot holds one token sequence, and each slot is at its own
      position. GPT.forward_cached appends tokens to some slots and returns logits.
   4. GPT.from_pretrained: load a GPT-2 checkpoint in Hugging Face format.
 
-Sampling lives in the executor; `generate` here is a small convenience for notebooks.
+Sampling lives in the executor.
 """
 
 import json
@@ -39,6 +40,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's value
     rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
     tie_embeddings: bool = True  # lm_head reuses the token embedding matrix, as GPT-2 does
+    smear: bool = False  # each token's input also carries the token before it (see GPT.embed)
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -202,6 +204,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # smear: a learned map of the previous token's embedding, added to each token's input
+        self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear else None
         # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
         # was tried against the small model's "reads out a neighbour of the right number" errors
         # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
@@ -214,12 +218,33 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if self.smear is not None:
+            nn.init.zeros_(self.smear.weight)  # starts as the plain GPT; training opens it
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def embed(self, idx, prev, pos):
+        """The input of the first block: idx (B, T) -> (B, T, C).
+
+        With config.smear, token t's input is wte[t] + W wte[prev] (prev (B, T): the token before
+        it; pos (B, T) or (T,): its position, 0 where a sequence starts and there is none). Why:
+        copying is "find the earlier X, write what came after it". A plain transformer needs two
+        layers for that (one head moves each token's predecessor into it, a second head matches
+        the query against it: an induction head), and in our 15-minute runs that circuit forms
+        late. With the predecessor already in every input, one head can match it at once
+        (Olsson et al. 2022 call these "smeared keys"; modded-nanogpt's smear gate does the same).
+        """
+        x = self.transformer.wte(idx)
+        if self.smear is not None:
+            has_prev = (pos > 0).unsqueeze(-1).to(x.dtype)  # no predecessor at a sequence's start
+            x = x + self.smear(self.transformer.wte(prev)) * has_prev
+        if not self.config.rope:
+            x = x + self.transformer.wpe(pos)
+        return x
 
     def num_params(self):
         """All parameters; the tied embedding matrix is counted once."""
@@ -243,10 +268,8 @@ class GPT(nn.Module):
             pos, mask = torch.arange(T, device=idx.device), None  # (T,)
         else:
             pos, mask = packed_positions(segments)
-        x = self.transformer.wte(idx)
-        if not self.config.rope:
-            x = x + self.transformer.wpe(pos)
-        x = self.transformer.drop(x)
+        prev = F.pad(idx[:, :-1], (1, 0))  # (B, T): the token before each (masked at pos 0)
+        x = self.transformer.drop(self.embed(idx, prev, pos))
         for block in self.transformer.h:
             x = block(x, pos, mask)
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
@@ -305,12 +328,14 @@ class GPT(nn.Module):
         mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
         pos, mask = pos.to(idx.device), mask.to(idx.device)
 
-        x = self.transformer.wte(idx)
-        if not self.config.rope:
-            x = x + self.transformer.wpe(pos)
+        # the token before each new one: the slot's last token, then the new tokens themselves
+        prev = torch.cat([cache.last[slots][:, None], idx[:, :-1]], dim=1)  # (B, T)
+        x = self.embed(idx, prev, pos)
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask)
         logits = self.lm_head(self.transformer.ln_f(x))
+        rows = torch.nonzero(n_new > 0).squeeze(1)  # rows that appended something
+        cache.last[slots[rows]] = idx[rows, n_new[rows] - 1]
         cache.lengths[slots] = start + n_new
         return logits
 
@@ -407,6 +432,7 @@ class KVCache:
 
     k, v: (n_layer, n_slots, max_len, n_head, head_dim), preallocated once.
     lengths: (n_slots,) long, how many positions of each slot are valid.
+    last: (n_slots,) long, each slot's last token (the next token's predecessor, for smear).
     A slot is one token sequence (one AsyncThink thread); slots are independent and
     each is at its own length. Positions at or beyond a slot's length hold stale data
     that attention never looks at.
@@ -423,6 +449,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.v = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.last = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.n_slots, self.max_len = n_slots, max_len
 
     def nbytes(self):

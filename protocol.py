@@ -299,7 +299,7 @@ class Event:
 
 
 @dataclass
-class Thread:
+class ParsedThread:
     """One thread of a trajectory, parsed. `generated` counts decode steps: tokens the model
     produced, not the ones the executor injected after a <JOIN-i>."""
     role: str                                     # "organizer" or "worker"
@@ -307,7 +307,7 @@ class Thread:
     events: list = field(default_factory=list)    # Event, in order
     sub_queries: dict = field(default_factory=dict)  # fork id -> sub-query text
     result: str | None = None                     # the <ANSWER> or <RETURN> text
-    children: dict = field(default_factory=dict)  # fork id -> Thread (the workers it forked)
+    children: dict = field(default_factory=dict)  # fork id -> ParsedThread (the workers it forked)
 
 
 def injected_by_joins(ids, tok: Tokenizer):
@@ -325,10 +325,10 @@ def injected_by_joins(ids, tok: Tokenizer):
 
 
 def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
-    """Parse one thread's output ids (prompt excluded) into a Thread, appending named errors.
+    """Parse one thread's output ids (prompt excluded) into a ParsedThread, appending named errors.
     `injected` marks the tokens the executor wrote (default: `injected_by_joins`); they are
     not decode steps, but tags among them still act (parallel mode injects its forks)."""
-    th = Thread(role)
+    th = ParsedThread(role)
     forked, outstanding = set(), set()
     open_fork, query = None, []   # inside <FORK-i> ... </FORK-i>
     result_kind, result = None, None  # inside <ANSWER> or <RETURN>
@@ -396,7 +396,7 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
 
 @dataclass
 class Trajectory:
-    organizer: Thread
+    organizer: ParsedThread
     errors: list      # named format errors, "<name>: <detail>"
     answers: list     # the parsed final answers (strings), [] if none
 

@@ -48,10 +48,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import NamedTuple
 
-try:
-    from tqdm import tqdm
-except ImportError:  # the progress bar is optional
-    tqdm = None
+from tqdm import tqdm
+
+import cli
 
 TASKS = ("countdown", "sudoku")
 SPLITS = ("train", "val", "test")
@@ -123,13 +122,13 @@ def _parse(tokens, pos, rule, depth):
     return node, pos
 
 
-def evaluate(node_or_text):
-    """Exact value as a Fraction: evaluate("48/(3+1)") == Fraction(12)."""
+def exact_value(node_or_text):
+    """Exact value as a Fraction: exact_value("48/(3+1)") == Fraction(12)."""
     node = parse_expression(node_or_text) if isinstance(node_or_text, str) else node_or_text
     if isinstance(node, int):
         return Fraction(node)
     op, left, right = node
-    a, b = evaluate(left), evaluate(right)
+    a, b = exact_value(left), exact_value(right)
     if op == "/" and b == 0:
         raise ValueError("division by zero")
     return _APPLY[op](a, b)
@@ -470,7 +469,7 @@ def make_puzzles(task, preset="small", n=100, seed=0, split="train", progress=Fa
     if task not in TASKS or preset not in COUNTDOWN_PRESETS or split not in SPLITS or n <= 0:
         raise ValueError(f"bad arguments: task={task!r} preset={preset!r} split={split!r} n={n}")
     rng, rows, seen = random.Random(seed), [], set()
-    bar = tqdm(total=n, file=sys.stderr, desc=f"{task} {split}") if progress and tqdm else None
+    bar = tqdm(total=n, file=sys.stderr, desc=f"{task} {split}") if progress else None
     for attempt in itertools.count():
         if len(rows) == n:
             break
@@ -526,11 +525,6 @@ def load_jsonl(path):
 # ----------------------------------------------------------------------------
 # Command line.
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage; one line is enough
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _positive_int(text):
     if not text.isdigit() or int(text) == 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
@@ -538,7 +532,7 @@ def _positive_int(text):
 
 
 def main(argv=None):
-    parser = _OneLineErrors(prog="tasks.py", description="Generate AsyncThink puzzles as JSONL.")
+    parser = cli.ArgumentParser(prog="tasks.py", description="Generate AsyncThink puzzles as JSONL.")
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make", help="print n puzzles as JSONL on stdout")
     make.add_argument("--task", choices=TASKS, required=True)

@@ -51,8 +51,10 @@ k it can find) and hinted structures stop early, which leaves RL work to do.
 """
 
 import random
+import sys
 from dataclasses import dataclass
 
+import cli
 import protocol as P
 import tasks
 
@@ -562,8 +564,7 @@ def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5):
 
 
 def main(argv=None):
-    import argparse
-    ap = argparse.ArgumentParser(description="Synthetic SFT traces: show one, or measure many.")
+    ap = cli.ArgumentParser(description="Synthetic SFT traces: show one, or measure many.")
     ap.add_argument("command", choices=["show", "stats"])
     ap.add_argument("--task", choices=["countdown", "sudoku"], default="countdown")
     ap.add_argument("--mode", choices=["sequential", "parallel", "async"], default=None,
@@ -579,7 +580,7 @@ def main(argv=None):
         row = tasks.make_puzzles(args.task, "small", n=1, seed=args.seed, split="train")[0]
         mode = args.mode or "async"
         print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share).text())
-        return
+        return 0
     print(f"{args.n} small-preset puzzles per row, c={args.capacity}, tokens of the default tokenizer (prompts included)")
     print("| task | mode | organizer tokens mean/max | worker tokens mean/max | workers/episode "
           "| latency | eta | traces with all k answers |")
@@ -589,7 +590,8 @@ def main(argv=None):
         print(f"| {s['task']} | {mode} | {s['organizer_mean']:.0f} / {s['organizer_max']} "
               f"| {s['worker_mean']:.0f} / {s['worker_max']} | {s['workers_per_episode']:.1f} "
               f"| {s['latency']:.0f} | {s['eta']:.2f} | {100 * s['complete']:.0f}% |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

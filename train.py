@@ -19,7 +19,6 @@ exactly where it stopped (same weights as a run that was never killed).
     torchrun --nproc_per_node=2 train.py --stage sft  # DDP (gloo on CPU, NCCL on GPU)
 """
 
-import argparse
 import json
 import math
 import os
@@ -29,11 +28,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
+import matplotlib.pyplot as plt
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import asyncthink as A
+import cli
 import executor as E
 import grpo
 import protocol as P
@@ -194,9 +196,7 @@ def set_rng_state(rng, state):
 
 
 def save(path, model, optimizer, step, rng, cfg, tok_spec, extra=None):
-    raw = model.module if isinstance(model, DDP) else model
-    raw = getattr(raw, "_orig_mod", raw)  # torch.compile wraps the module
-    save_checkpoint(path, raw, optimizer=optimizer.state_dict(), step=step, rng=rng_state(rng),
+    save_checkpoint(path, model, optimizer=optimizer.state_dict(), step=step, rng=rng_state(rng),
                     train_config=asdict(cfg), tokenizer=tok_spec, **(extra or {}))
 
 
@@ -246,9 +246,8 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
                       temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
-    raw = getattr(model, "_orig_mod", model)
-    records = A.solve(raw, tok, rows, run, progress=False)
-    raw.train()
+    records = A.solve(model, tok, rows, run, progress=False)
+    model.train()
     return {f"eval_{key}": value for key, value in A.metrics(records).items()}
 
 
@@ -294,9 +293,6 @@ def plot_curves(run_dir):
     """curves.png: a grid of the run's curves against the step, raw (faint) and smoothed, so that
     a student sees what SFT and RL changed: SFT's loss and validation accuracy, then RL's
     accuracy, reward parts, eta / c, latency and tokens, format errors, entropy and KL."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return None
@@ -373,43 +369,52 @@ def resume_from(ckpt, optimizer, rng, path, stage, rank):
 
 
 def wrap(model, cfg, world, device):
-    """(ddp, fwd, autocast): the model under DDP when there are several processes, the forward
-    torch.compile'd with --compile, and a bf16 autocast context with --dtype bfloat16 on CUDA."""
-    ddp = DDP(model) if world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
+    """(net, autocast): net is what a training step calls, the model itself, under DDP when there
+    are several processes and torch.compile'd with --compile (both share the model's
+    parameters); autocast is a bf16 context with --dtype bfloat16 on CUDA, else a no-op."""
+    net = DDP(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
     bf16 = cfg.dtype == "bfloat16" and "cuda" in str(device)
     if cfg.dtype == "bfloat16" and not bf16 and int(os.environ.get("RANK", 0)) == 0:
         # CPUs without bf16 units run bf16 slower than float32, so autocast stays a CUDA thing
         print(f"note: --dtype bfloat16 autocasts on CUDA only; training in float32 on {device}")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-    return ddp, fwd, autocast
+    return net, autocast
 
 
-def sft_step(fwd, model, optimizer, batches, cfg, device, ddp=None, autocast=nullcontext()):
+def grad_sync(net, last):
+    """DDP all-reduces the gradients at every backward; between one step's micro-batches that is
+    wasted work, so only the last micro-batch syncs. A no-op without DDP."""
+    inner = getattr(net, "_orig_mod", net)  # under torch.compile
+    return inner.no_sync() if isinstance(inner, DDP) and not last else nullcontext()
+
+
+def sft_step(net, optimizer, batches, cfg, device, autocast=nullcontext()):
     """One optimizer step over a step's micro-batches: the loss is the weighted sum over trained
     tokens divided by the sum of their weights (a weighted mean per token, whatever its batch;
-    with every weight 1, the plain mean). With DDP the gradients are synchronized on the last
-    micro-batch only. Returns (weighted loss per token, grad norm)."""
+    with every weight 1, the plain mean). Returns (weighted loss per token, grad norm)."""
     w_total = sum(float(w.sum()) for _, _, w, _ in batches)
     total = 0.0
     for j, (x, y, w, seg) in enumerate(batches):
         x, y, w, seg = x.to(device), y.to(device), w.to(device), seg.to(device)
-        sync = ddp.no_sync() if isinstance(ddp, DDP) and j < len(batches) - 1 else nullcontext()
-        with sync, autocast:
-            _, loss = fwd(x, y, reduction="none", segments=seg)
+        with grad_sync(net, j == len(batches) - 1), autocast:
+            _, loss = net(x, y, reduction="none", segments=seg)
             loss = (loss * w).sum()
             (loss / w_total).backward()
         total += loss.item()
     if not math.isfinite(total):
         raise FloatingPointError(f"SFT loss is {total / w_total}")
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / w_total, norm
 
 
 def train_sft(cfg, rank, world, device, log):
-    from tqdm import tqdm
+    """SFT in two parts. A timed run (--sft-steps 0, the default) first trains TIMED_STEPS[1]
+    ordinary steps (in the warmup, where the learning rate does not depend on the total), timing
+    the later ones, and plans the steps that fill --sft-minutes; then the fixed-length loop."""
     tok = P.load_gpt2_tokenizer(cfg.init) if cfg.init else P.Tokenizer.numbers()
     path = os.path.join(cfg.run_dir, "sft.pt")
     resume = path if cfg.resume and os.path.exists(path) else None
@@ -419,21 +424,23 @@ def train_sft(cfg, rank, world, device, log):
     if ckpt is not None:
         check_compatible(ckpt, cfg, path)
     start = resume_from(ckpt, optimizer, rng, path, "SFT", rank)
-    ddp, fwd, autocast = wrap(model, cfg, world, device)
     if not cfg.sft_steps and ckpt is not None:  # a resumed timed run keeps the steps it planned
         cfg = replace(cfg, sft_steps=ckpt.get("train_config", {}).get("sft_steps", 0))
-    stop = cfg.stop_at or cfg.sft_steps  # 0: not known until TIMED_STEPS have run
-    bar = tqdm(desc="sft", disable=rank != 0, initial=start, total=stop or None, file=sys.stderr)
+    net, autocast = wrap(model, cfg, world, device)
+    bar = tqdm(desc="sft", disable=rank != 0, initial=start, total=cfg.stop_at or cfg.sft_steps or None,
+               file=sys.stderr)
     model.train()
-    step, t_start = start, time.perf_counter()
-    while not stop or step < stop:
+
+    def train_step(step):
+        """One SFT step (step counts from 0): train, log, evaluate and checkpoint when due."""
         t0 = time.perf_counter()
-        for g in optimizer.param_groups:  # until the steps are known the schedule is in its
-            g["lr"] = lr_at(step, cfg, cfg.sft_steps or 10 ** 9)  # warmup (or its flat start)
+        stop = cfg.stop_at or cfg.sft_steps  # cfg.sft_steps is 0 while a timed run times its steps:
+        for g in optimizer.param_groups:     # those are in the warmup, where the total is not used
+            g["lr"] = lr_at(step, cfg, cfg.sft_steps or 10 ** 9)
         batches = micro_batches(sft_sequences(cfg, tok, rng, cfg.sft_episodes, model.config.block_size),
                                 cfg.micro_tokens, tok.pad)
         try:
-            loss_per_token, norm = sft_step(fwd, model, optimizer, batches, cfg, device, ddp, autocast)
+            loss_per_token, norm = sft_step(net, optimizer, batches, cfg, device, autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is kept at {path}")
         n_tokens = sum(x.numel() for x, *_ in batches)
@@ -442,12 +449,6 @@ def train_sft(cfg, rank, world, device, log):
                "tokens_per_s": round(world * n_tokens / (time.perf_counter() - t0))}
         bar.set_postfix(loss=f"{loss_per_token:.3f}", tok_s=row["tokens_per_s"])
         bar.update()
-        if not cfg.sft_steps:  # a timed run: time TIMED_STEPS, then plan the rest of the budget
-            if step + 1 == start + TIMED_STEPS[0]:
-                t_timed = time.perf_counter()
-            elif step + 1 == start + TIMED_STEPS[1]:
-                cfg = plan_sft_steps(cfg, t_start, t_timed, step + 1, world, device, bar)
-                stop, bar.total = cfg.stop_at or cfg.sft_steps, cfg.sft_steps
         last = step + 1 == stop
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or last) and rank == 0:
             row.update(evaluate(model, tok, cfg, cfg.eval_n))
@@ -456,7 +457,22 @@ def train_sft(cfg, rank, world, device, log):
         log.write(row)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
             save(path, model, optimizer, step + 1, rng, cfg, tok.spec())
-        step += 1
+
+    step, t_start = start, time.perf_counter()
+    if not cfg.sft_steps:  # 1. a timed run: time this machine's steps, then plan the budget
+        timed_from, first = start + TIMED_STEPS[0], start + TIMED_STEPS[1]
+        while step < min(first, cfg.stop_at or first):
+            if step == timed_from:
+                t_timed = time.perf_counter()
+            train_step(step)
+            step += 1
+        if step == first:
+            cfg = plan_sft_steps(cfg, t_start, t_timed, step, world, device, bar)
+            bar.total = cfg.stop_at or cfg.sft_steps
+            if step >= bar.total and rank == 0:  # the budget ended within the timed steps
+                save(path, model, optimizer, step, rng, cfg, tok.spec())
+    for step in range(step, cfg.stop_at or cfg.sft_steps):  # 2. the fixed-length loop
+        train_step(step)
     bar.close()
     return path
 
@@ -511,14 +527,13 @@ def all_mean(values, world, device):
 
 
 def train_rl(cfg, rank, world, device, log):
-    from tqdm import tqdm
     model, tok, ckpt = load_policy(cfg, device)
     path = os.path.join(cfg.run_dir, "rl.pt")
     ref = reference_policy(cfg, model, device) if cfg.kl_coef > 0 else None
     optimizer = make_optimizer(model, cfg.rl_lr, 0.0)
     rng = random.Random(cfg.seed * 7919 + rank)  # each rank draws its own questions
     start = resume_from(ckpt, optimizer, rng, path, "RL", rank)
-    ddp, fwd, autocast = wrap(model, cfg, world, device)
+    net, autocast = wrap(model, cfg, world, device)
     lam = 0.0 if cfg.no_concurrency_reward else cfg.lam
     per_rank = max(1, cfg.questions // world)
     stop = cfg.stop_at or cfg.rl_steps
@@ -555,14 +570,13 @@ def train_rl(cfg, rank, world, device, log):
             # the same tokens ~1e-2 differently, so its first ratio would not be 1. Recompute
             # the old log-probs with the update's own forward (once, before any change).
             with torch.no_grad(), autocast:
-                batches = [(x, y, grpo.target_logprobs(fwd(x, segments=seg), y, T), adv, seg)
+                batches = [(x, y, grpo.target_logprobs(net(x, segments=seg), y, T), adv, seg)
                            for x, y, _, adv, seg in batches]
         stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
         for inner in range(cfg.inner_updates):
             for j, (x, y, old, adv, seg) in enumerate(batches):
-                sync = nullcontext() if world == 1 or j == len(batches) - 1 else ddp.no_sync()
-                with sync, autocast:
-                    loss, kl, s = grpo.policy_loss(fwd(x, segments=seg), y, old, adv, cfg.clip_eps,
+                with grad_sync(net, j == len(batches) - 1), autocast:
+                    loss, kl, s = grpo.policy_loss(net(x, segments=seg), y, old, adv, cfg.clip_eps,
                                                    ref_logp[j], temperature=T)
                     ((loss + cfg.kl_coef * kl) / n_gen).backward()
                 if inner == cfg.inner_updates - 1:  # statistics of the last pass
@@ -613,7 +627,7 @@ def train_rl(cfg, rank, world, device, log):
 # Entry point
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description="Train AsyncThink: --stage sft, then --stage rl.")
+    ap = cli.ArgumentParser(description="Train AsyncThink: --stage sft, then --stage rl.")
     d = TrainConfig()
     ap.add_argument("--stage", choices=["sft", "rl"], default="sft")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
@@ -676,8 +690,7 @@ def main(argv=None):
         else:
             path = train_rl(cfg, rank, world, device, log)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("train.py", e)
     finally:
         if dist.is_initialized():
             dist.barrier()  # no rank tears the group down while another still uses it

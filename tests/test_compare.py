@@ -1,6 +1,5 @@
 """compare.py: the paired comparison, against values computed by hand."""
 import json
-import math
 import subprocess
 import sys
 

@@ -112,9 +112,9 @@ def test_episode_funnel_counts_by_hand():
 def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "countdown"}\n')
-    with pytest.raises(SystemExit) as e:
-        diagnose.main(["--episodes", str(bad)])
-    assert e.value.code == 2 and "not a file asyncthink.py solve wrote" in capsys.readouterr().err
+    assert diagnose.main(["--episodes", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diagnose.py: error: ") and "not a file asyncthink.py solve wrote" in err
 
 
 @pytest.mark.parametrize("attempt, cause", [

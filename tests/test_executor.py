@@ -2,7 +2,6 @@
 log-probability, protocol.timeline for every step, brute-force expectations for the modes."""
 import io
 import json
-import random
 import subprocess
 import sys
 

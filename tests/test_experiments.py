@@ -69,14 +69,13 @@ def test_rewrite_report_refuses_a_folder_without_results(tmp_path):
 
 
 @pytest.mark.parametrize("budget", ["small", "gpu"])
-def test_every_budget_writes_train_commands_that_train_py_accepts(budget, tmp_path, monkeypatch):
+def test_every_budget_writes_train_commands_that_train_py_accepts(budget, tmp_path):
     """The gpu budget cannot run here, but each of its train.py command lines must parse, with the
     gpu preset's model, puzzles and dtype (a typo in a flag would only show on the GPU)."""
     import experiments
     import train
-    monkeypatch.setattr(experiments, "BUDGET", experiments.BUDGETS[budget], raising=False)  # main() sets it
     b = experiments.BUDGETS[budget]
-    jobs = [experiments.train_job(str(tmp_path), f"{task}-{mode}", stage, task, mode, steps, ["--seed", "0", *extra], "cuda")
+    jobs = [experiments.train_job(b, str(tmp_path), f"{task}-{mode}", stage, task, mode, steps, ["--seed", "0", *extra], "cuda")
             for stage, extra in [("sft", []), ("rl", []), ("rl", ["--no-concurrency-reward"]), ("rl", ["--from-scratch"])]
             for task, steps in [("countdown", b["sft_steps"]), ("sudoku", b["sudoku_sft_steps"])]
             for mode in ("sequential", "parallel", "async")]

@@ -7,7 +7,6 @@ import torch
 import asyncthink as A
 import executor as E
 import grpo
-import protocol as P
 
 
 def rec(n_correct, eta, errors=(), task="countdown", k=4):

@@ -8,7 +8,8 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [
-    {"protocol", "tasks", "model"},  # no project imports
+    {"cli"},  # no project imports
+    {"protocol", "tasks", "model"},
     {"traces", "compare"},
     {"executor"},
     {"asyncthink"},

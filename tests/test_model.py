@@ -14,11 +14,29 @@ V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=[False, True], ids=["learned-positions", "rotary"])
+@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear"])
 def model(request):
     torch.manual_seed(0)
-    m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param))
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param != "learned-positions",
+                             smear=request.param == "rotary-smear"))
+    if m.smear is not None:  # it starts at zero (the plain GPT): open it, or the oracle proves nothing
+        torch.nn.init.normal_(m.smear.weight, std=0.5)
     return m.eval()
+
+
+def test_smear_adds_the_previous_tokens_embedding_through_its_map():
+    """Oracle by hand: input t = wte[x_t] + W wte[x_{t-1}], and the first token of a sequence
+    (also of a packed segment) has no predecessor."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, smear=True, rope=True))
+    assert m.smear.weight.abs().sum() == 0  # starts as the plain GPT
+    torch.nn.init.normal_(m.smear.weight)
+    wte, W = m.transformer.wte.weight, m.smear.weight
+    idx, pos = torch.tensor([[3, 7, 9, 4]]), torch.tensor([[0, 1, 0, 1]])  # two segments of two
+    prev = torch.tensor([[0, 3, 7, 9]])
+    x = m.embed(idx, prev, pos)[0]
+    expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9], wte[4] + W @ wte[9]])
+    torch.testing.assert_close(x, expected)
 
 
 def test_rotary_is_a_complex_rotation_and_sees_only_relative_position():

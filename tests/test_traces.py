@@ -128,7 +128,6 @@ def test_worker_search_helpers():
 def test_async_workers_never_return_the_same_solution_twice():
     """A sum is found only by the pair of its two largest numbers, so the organizer's tally is
     a plain count: every expression every worker returns is new (checked on whole traces)."""
-    rng = random.Random(4)
     for row in tasks.make_puzzles("countdown", "small", n=60, seed=4, split="train"):
         numbers, target = row["numbers"], row["target"]
         seen = {}

@@ -208,7 +208,7 @@ def test_organizer_weight_weighs_the_organizer_thread_only():
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     batch = (torch.zeros(1, 3, dtype=torch.long), torch.tensor([[1, 1, -1]]), torch.tensor([[3.0, 1.0, 0.0]]),
              torch.zeros(1, 3, dtype=torch.long))
-    loss, _ = train.sft_step(m, m, opt, [batch], cfg, "cpu")
+    loss, _ = train.sft_step(m, opt, [batch], cfg, "cpu")
     assert loss == pytest.approx(5 / 4)
 
 
