@@ -526,7 +526,72 @@ def all_mean(values, world, device):
     return {k: v / world for k, v in zip(values, t.tolist())}
 
 
+def rl_update(net, model, optimizer, ref, batches, cfg, device, autocast, step, path):
+    """cfg.inner_updates optimizer steps on one RL step's rollouts: the PPO-clipped surrogate plus
+    the KL to the reference, a token-level mean over the generated tokens. batches are
+    grpo.thread_batches (x, y, old log-probs, advantages, segments). Returns the last pass's
+    loss, kl, clipped share and entropy, per generated token."""
+    model.train()
+    if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
+        batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
+                    torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
+    n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _, _ in batches))
+    batches = [tuple(t.to(device) for t in batch) for batch in batches]
+    T = cfg.temperature
+    ref_logp = [None] * len(batches)
+    if ref is not None:  # the reference's log-probs, once for all inner updates
+        with torch.no_grad(), autocast:
+            ref_logp = [grpo.target_logprobs(ref(x, segments=seg), y, T) for x, y, _, _, seg in batches]
+    if cfg.dtype != "float32":
+        # Rollouts decode in float32; under bf16 autocast the update's forward would read
+        # the same tokens ~1e-2 differently, so its first ratio would not be 1. Recompute
+        # the old log-probs with the update's own forward (once, before any change).
+        with torch.no_grad(), autocast:
+            batches = [(x, y, grpo.target_logprobs(net(x, segments=seg), y, T), adv, seg)
+                       for x, y, _, adv, seg in batches]
+    stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
+    for inner in range(cfg.inner_updates):
+        for j, (x, y, old, adv, seg) in enumerate(batches):
+            with grad_sync(net, j == len(batches) - 1), autocast:
+                loss, kl, s = grpo.policy_loss(net(x, segments=seg), y, old, adv, cfg.clip_eps,
+                                               ref_logp[j], temperature=T)
+                ((loss + cfg.kl_coef * kl) / n_gen).backward()
+            if inner == cfg.inner_updates - 1:  # statistics of the last pass
+                stats["loss"] += loss.item() / n_gen
+                stats["kl"] += kl.item() / n_gen
+                stats["clipped"] += s["clipped"] / n_gen
+                stats["entropy"] += s["entropy"] / n_gen
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if not math.isfinite(float(norm)):  # a NaN or inf anywhere in the loss reaches the norm
+            raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
+                                     f"the last good checkpoint is kept at {path}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def rl_metrics(cfg, episodes, records, rewards, advs):
+    """The whole RL picture of one step's rollouts: reward parts, accuracy, format errors,
+    structure (latency, eta, forks, tokens) and the groups that carried no signal."""
+    n = len(records)
+    mean = lambda values: sum(values) / n
+    return {
+        "reward": mean(r.total for r in rewards),
+        "reward_accuracy": mean(r.accuracy for r in rewards),
+        "reward_concurrency": mean(r.concurrency for r in rewards),
+        "format_error_rate": mean(r.format_error for r in rewards),
+        "accuracy": mean(rec["correct"] for rec in records),
+        "latency": mean(rec["latency"] for rec in records),
+        "eta": mean(rec["concurrency"] for rec in records),
+        "eta_over_c": mean(rec["concurrency"] for rec in records) / cfg.capacity,
+        "tokens": mean(rec["tokens"] for rec in records),
+        "forks": mean(len(ep.organizer.children) for ep in episodes),
+        "skipped_groups": grpo.skipped_groups(advs, cfg.group)}
+
+
 def train_rl(cfg, rank, world, device, log):
+    """RL, one step at a time: 1. roll out G structures per question and score them; 2. update
+    the policy on them (rl_update); 3. log, evaluate and checkpoint when due."""
     model, tok, ckpt = load_policy(cfg, device)
     path = os.path.join(cfg.run_dir, "rl.pt")
     ref = reference_policy(cfg, model, device) if cfg.kl_coef > 0 else None
@@ -552,64 +617,16 @@ def train_rl(cfg, rank, world, device, log):
         thread_advs = grpo.thread_advantages(episodes, advs, cfg.group, cfg.credit, tok)
         t_rollout = time.perf_counter() - t0
 
-        # 2. updates: PPO-clipped surrogate, token-level mean over generated tokens
-        model.train()
+        # 2. updates
         batches = grpo.thread_batches(episodes, thread_advs, cfg.micro_tokens)
-        if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
-            batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
-                        torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
-        n_gen = max(1, sum(int((y != -1).sum()) for _, y, _, _, _ in batches))
-        batches = [tuple(t.to(device) for t in batch) for batch in batches]
-        T = cfg.temperature
-        ref_logp = [None] * len(batches)
-        if ref is not None:  # the reference's log-probs, once for all inner updates
-            with torch.no_grad(), autocast:
-                ref_logp = [grpo.target_logprobs(ref(x, segments=seg), y, T) for x, y, _, _, seg in batches]
-        if cfg.dtype != "float32":
-            # Rollouts decode in float32; under bf16 autocast the update's forward would read
-            # the same tokens ~1e-2 differently, so its first ratio would not be 1. Recompute
-            # the old log-probs with the update's own forward (once, before any change).
-            with torch.no_grad(), autocast:
-                batches = [(x, y, grpo.target_logprobs(net(x, segments=seg), y, T), adv, seg)
-                           for x, y, _, adv, seg in batches]
-        stats = {"loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
-        for inner in range(cfg.inner_updates):
-            for j, (x, y, old, adv, seg) in enumerate(batches):
-                with grad_sync(net, j == len(batches) - 1), autocast:
-                    loss, kl, s = grpo.policy_loss(net(x, segments=seg), y, old, adv, cfg.clip_eps,
-                                                   ref_logp[j], temperature=T)
-                    ((loss + cfg.kl_coef * kl) / n_gen).backward()
-                if inner == cfg.inner_updates - 1:  # statistics of the last pass
-                    stats["loss"] += loss.item() / n_gen
-                    stats["kl"] += kl.item() / n_gen
-                    stats["clipped"] += s["clipped"] / n_gen
-                    stats["entropy"] += s["entropy"] / n_gen
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not math.isfinite(float(norm)):  # a NaN or inf anywhere in the loss reaches the norm
-                raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
-                                         f"the last good checkpoint is kept at {path}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats = rl_update(net, model, optimizer, ref, batches, cfg, device, autocast, step, path)
         t_update = time.perf_counter() - t0 - t_rollout
 
         # 3. log
-        n = len(records)
         gen_tokens = sum(r["tokens"] for r in records)
-        row = all_mean({
-            "reward": sum(r.total for r in rewards) / n,
-            "reward_accuracy": sum(r.accuracy for r in rewards) / n,
-            "reward_concurrency": sum(r.concurrency for r in rewards) / n,
-            "format_error_rate": sum(r.format_error for r in rewards) / n,
-            "accuracy": sum(rec["correct"] for rec in records) / n,
-            "latency": sum(rec["latency"] for rec in records) / n,
-            "eta": sum(rec["concurrency"] for rec in records) / n,
-            "eta_over_c": sum(rec["concurrency"] for rec in records) / n / cfg.capacity,
-            "tokens": gen_tokens / n,
-            "forks": sum(len(ep.organizer.children) for ep in episodes) / n,
-            "skipped_groups": grpo.skipped_groups(advs, cfg.group),
-            **stats,
-            "rollout_tokens_per_s": gen_tokens / t_rollout,
-            "rollout_s": t_rollout, "update_s": t_update}, world, device)
+        row = all_mean({**rl_metrics(cfg, episodes, records, rewards, advs), **stats,
+                        "rollout_tokens_per_s": gen_tokens / t_rollout,
+                        "rollout_s": t_rollout, "update_s": t_update}, world, device)
         row = {"stage": "rl", "step": step + 1, **{k: round(v, 4) for k, v in row.items()}}
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}",
                         eta=f"{row['eta']:.2f}", fe=f"{row['format_error_rate']:.2f}")
