@@ -29,7 +29,6 @@ import cli
 import compare
 import protocol as P
 import tasks
-import traces
 from executor import ANSWERED, MODES, PARALLEL_TEMPERATURE, Episode, Executor, RunConfig
 from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
@@ -191,7 +190,7 @@ def metrics(records):
 
 
 def accuracy_text(m):
-    """'>=1  50.0% >=2  10.0%  all  10.0%' from metrics() (or traces.chance()); no >=j when k = 1."""
+    """'>=1  50.0% >=2  10.0%  all  10.0%' from metrics() (or tasks.chance()); no >=j when k = 1."""
     k = sum(key.startswith("ge") for key in m)
     ge = " ".join(f">={j} {100 * m[f'ge{j}']:5.1f}%" for j in range(1, k + 1) if k > 1)
     return f"{ge}  all {100 * m['all']:5.1f}%"
@@ -296,7 +295,7 @@ def main(argv=None):
     for r in records[:args.show]:
         print(show_timeline(r))
     print(summary(records, seconds))
-    guess = traces.chance(rows)
+    guess = tasks.chance(rows)
     if guess:  # the floor: what k random expressions per puzzle score on the same puzzles
         n = sum(r.get("task", "countdown") == "countdown" for r in rows)
         print(f"{'chance':<10} n={n}  {accuracy_text(guess)}  (k random expressions per puzzle, 100 draws)")

@@ -71,6 +71,7 @@ import asyncthink as A
 import executor as E
 import protocol as P
 import tasks
+from model import pack
 
 
 # -----------------------------------------------------------------------------
@@ -188,57 +189,13 @@ def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
 
 
 # -----------------------------------------------------------------------------
-# Batches of threads, packed, and the policy loss
-
-def pack(seqs, micro_tokens, pads):
-    """Pack sequences into rows as long as the longest one, with no padding between them, and
-    the rows into micro-batches of about micro_tokens tokens. A sequence is a tuple of
-    equal-length per-token lists (input ids, targets, ...); pads gives each field's padding
-    value, and its type the field's dtype (an int pad: a long tensor; a float pad: float32).
-    Returns [(field tensors..., segments)], each (B, T): segments numbers the sequences
-    of a row, and model.forward keeps them apart (own positions, own attention), so a packed
-    row computes exactly what each sequence alone would.
-
-    Why pack: a structure's threads are an organizer of ~300-550 tokens and a dozen workers of
-    ~100; padded to the longest, 59% of an SFT batch was padding. Sequences go longest first
-    into the least filled row with room, so rows come out about equally long:
-    lengths [5, 3, 2] -> rows [5] and [3 2], no padding at all. Rows no longer than the longest
-    sequence keep attention (quadratic in the row's length) as cheap as padding made it."""
-    seqs = sorted(seqs, key=lambda s: -len(s[0]))
-    width = len(seqs[0][0])
-    rows, filled = [], []  # the sequences of each row, and how many tokens they hold
-    for seq in seqs:
-        fits = [r for r in range(len(rows)) if filled[r] + len(seq[0]) <= width]
-        if not fits:
-            rows.append([])
-            filled.append(0)
-            fits = [len(rows) - 1]
-        r = min(fits, key=lambda r: filled[r])
-        rows[r].append(seq)
-        filled[r] += len(seq[0])
-    out, per_batch = [], max(1, micro_tokens // width)
-    for first in range(0, len(rows), per_batch):
-        group, T = rows[first:first + per_batch], max(filled[first:first + per_batch])
-        tensors = [torch.full((len(group), T), pad, dtype=torch.long if isinstance(pad, int)
-                              else torch.float32) for pad in pads]
-        seg = torch.full((len(group), T), len(seqs), dtype=torch.long)  # padding: a segment of its own
-        for b, row in enumerate(group):
-            t = 0
-            for s, seq in enumerate(row):
-                n = len(seq[0])
-                for tensor, values in zip(tensors, seq):
-                    tensor[b, t:t + n] = torch.tensor(values, dtype=tensor.dtype)
-                seg[b, t:t + n] = s
-                t += n
-        out.append((*tensors, seg))
-    return out
-
+# Batches of threads, packed (model.pack), and the policy loss
 
 def thread_batches(episodes, advs, max_tokens):
     """Every thread with a non-zero advantage, packed into micro-batches: x (B, T) input ids;
     y (B, T) target ids, -1 where there is no loss (prompt, injected, padding); old (B, T) the
     rollout's log-probs; adv (B, T) the thread's advantage at each of its tokens; segments
-    (B, T) (see pack). advs: one advantage per episode (every thread shares it), or a list per
+    (B, T) (see model.pack). advs: one advantage per episode (every thread shares it), or a list per
     episode with one per thread (thread_advantages)."""
     seqs = []
     for ep, adv in zip(episodes, advs):

@@ -523,6 +523,46 @@ def load_jsonl(path):
 
 
 # ----------------------------------------------------------------------------
+# The chance floor: what guessing scores
+
+def random_expression(numbers, rng: random.Random):
+    """A countdown-looking expression over 2-4 of the numbers, true or not: "12+8-(2+7)"."""
+    xs = [str(x) for x in rng.sample(numbers, rng.randint(2, min(4, len(numbers))))]
+    ops = [rng.choice("+-*/") for _ in xs[1:]]
+    if len(xs) >= 3 and rng.random() < 0.3:
+        return "".join(x + o for x, o in zip(xs[:-2], ops)) + f"({xs[-2]}{ops[-1]}{xs[-1]})"
+    return xs[0] + "".join(o + x for o, x in zip(ops, xs[1:]))
+
+
+def chance(rows, draws=100, seed=0):
+    """What guessing scores: the share of countdown puzzles with at least j distinct correct
+    answers (ge1..gek) and all k correct, for a guesser that writes k random_expression()s per
+    puzzle, averaged over `draws` guesses of every puzzle. The floor a trained model must clear:
+    on the README's 100 test puzzles (small preset) it is >=1 3.6%, >=2 0.07%, all 0%.
+    Numbers 1 and 2, target 3: one guess in four is "1+2" or "2+1" (the others are 1-2, 1*2, ...):
+
+    >>> chance([{"task": "countdown", "numbers": [1, 2], "target": 3, "k": 1}], draws=50)
+    {'ge1': 0.26, 'all': 0.26}
+    """
+    rng = random.Random(seed)
+    rows = [r for r in rows if r.get("task", "countdown") == "countdown"]
+    if not rows:
+        return {}
+    k = max(r["k"] for r in rows)
+    hits = {j: 0 for j in range(1, k + 1)}
+    n_all = 0
+    for _ in range(draws):
+        for r in rows:
+            guesses = [random_expression(r["numbers"], rng) for _ in range(r["k"])]
+            n = score_countdown(guesses, r["numbers"], r["target"])
+            for j in range(1, n + 1):
+                hits[j] += 1
+            n_all += n >= r["k"]
+    total = draws * len(rows)
+    return {**{f"ge{j}": hits[j] / total for j in range(1, k + 1)}, "all": n_all / total}
+
+
+# ----------------------------------------------------------------------------
 # Command line.
 
 def _positive_int(text):

@@ -471,43 +471,6 @@ def make_trace(row, mode, rng: random.Random, capacity=4, **kw):
 # -----------------------------------------------------------------------------
 # Copy drills: exact copying, taught on its own
 
-def random_expression(numbers, rng: random.Random):
-    """A countdown-looking expression over 2-4 of the numbers, true or not: "12+8-(2+7)"."""
-    xs = [str(x) for x in rng.sample(numbers, rng.randint(2, min(4, len(numbers))))]
-    ops = [rng.choice("+-*/") for _ in xs[1:]]
-    if len(xs) >= 3 and rng.random() < 0.3:
-        return "".join(x + o for x, o in zip(xs[:-2], ops)) + f"({xs[-2]}{ops[-1]}{xs[-1]})"
-    return xs[0] + "".join(o + x for o, x in zip(ops, xs[1:]))
-
-
-def chance(rows, draws=100, seed=0):
-    """What guessing scores: the share of countdown puzzles with at least j distinct correct
-    answers (ge1..gek) and all k correct, for a guesser that writes k random_expression()s per
-    puzzle, averaged over `draws` guesses of every puzzle. The floor a trained model must clear:
-    on the README's 100 test puzzles (small preset) it is >=1 3.6%, >=2 0.07%, all 0%.
-    Numbers 1 and 2, target 3: one guess in four is "1+2" or "2+1" (the others are 1-2, 1*2, ...):
-
-    >>> chance([{"task": "countdown", "numbers": [1, 2], "target": 3, "k": 1}], draws=50)
-    {'ge1': 0.26, 'all': 0.26}
-    """
-    rng = random.Random(seed)
-    rows = [r for r in rows if r.get("task", "countdown") == "countdown"]
-    if not rows:
-        return {}
-    k = max(r["k"] for r in rows)
-    hits = {j: 0 for j in range(1, k + 1)}
-    n_all = 0
-    for _ in range(draws):
-        for r in rows:
-            guesses = [random_expression(r["numbers"], rng) for _ in range(r["k"])]
-            n = tasks.score_countdown(guesses, r["numbers"], r["target"])
-            for j in range(1, n + 1):
-                hits[j] += 1
-            n_all += n >= r["k"]
-    total = draws * len(rows)
-    return {**{f"ge{j}": hits[j] / total for j in range(1, k + 1)}, "all": n_all / total}
-
-
 def copy_drill(numbers, rng: random.Random, n_items=(2, 6)):
     r"""A thread that only copies: a list of expressions in its prompt, the same list written
     back. The organizer copies expressions all the time (tallies, the answer) and a worker copies
@@ -519,7 +482,7 @@ def copy_drill(numbers, rng: random.Random, n_items=(2, 6)):
     >>> copy_drill([2, 5, 9], random.Random(0))
     [('copy 2/5*9, 9*2-5, 9+2+5, 5/2*9, 9/5\n', False), ('-> 2/5*9, 9*2-5, 9+2+5, 5/2*9, 9/5\n', True)]
     """
-    items = [random_expression(numbers, rng) for _ in range(rng.randint(*n_items))]
+    items = [tasks.random_expression(numbers, rng) for _ in range(rng.randint(*n_items))]
     text = P.ANSWER_SEPARATOR.join(items)
     return [(f"copy {text}\n", False), (f"-> {text}\n", True)]
 
@@ -535,7 +498,7 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
     [('copy 2/5*9, 9*2-5, 9+2+5, 5/2*9\nand 5+9+2, 9*2-5\n', False), ('-> 2/5*9, 9*2-5, 9+2+5, 5/2*9, 5+9+2, 9*2-5\n', True)]
     """
     def some_expressions():
-        return P.ANSWER_SEPARATOR.join(random_expression(numbers, rng) for _ in range(rng.randint(*n_items)))
+        return P.ANSWER_SEPARATOR.join(tasks.random_expression(numbers, rng) for _ in range(rng.randint(*n_items)))
     a, b = some_expressions(), some_expressions()
     return [(f"copy {a}\nand {b}\n", False), (f"-> {a}{P.ANSWER_SEPARATOR}{b}\n", True)]
 

@@ -41,7 +41,7 @@ import grpo
 import protocol as P
 import tasks
 import traces
-from model import GPT, GPTConfig, init_number_embeddings, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, init_number_embeddings, load_checkpoint, pack, save_checkpoint
 
 
 @dataclass
@@ -152,12 +152,12 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
 
 
 def micro_batches(seqs, micro_tokens, pad_id):
-    """A step's (ids, weights) sequences packed into micro-batches (grpo.pack): [(x, y, w,
+    """A step's (ids, weights) sequences packed into micro-batches (model.pack): [(x, y, w,
     segments)], each (B, T); y is x shifted by one within each sequence, -1 where there is no
     loss; w the loss weight of each target (0 where y is -1)."""
     triples = [(ids[:-1], [t if m else -1 for t, m in zip(ids[1:], w[1:])], [float(m) for m in w[1:]])
                for ids, w in seqs]
-    return grpo.pack(triples, micro_tokens, (pad_id, -1, 0.0))
+    return pack(triples, micro_tokens, (pad_id, -1, 0.0))
 
 
 # -----------------------------------------------------------------------------

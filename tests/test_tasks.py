@@ -393,3 +393,21 @@ def test_cli_bad_input(args):
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stdout == ""
+
+
+def test_chance_matches_the_hand_computed_probability():
+    # numbers 1 and 2: random_expression takes both, in one of 2 orders, with one of 4 ops,
+    # all 8 equally likely; "1+2" and "2+1" make 3, so one guess in four is right.
+    row = {"task": "countdown", "numbers": [1, 2], "target": 3, "k": 1}
+    guess = tasks.chance([row], draws=4000, seed=3)
+    assert set(guess) == {"ge1", "all"}
+    assert abs(guess["ge1"] - 0.25) < 0.03 and guess["all"] == guess["ge1"]
+    # target 5 is out of reach of 1 and 2: nothing can be right
+    unreachable = dict(row, target=5, k=2)
+    assert tasks.chance([unreachable], draws=50) == {"ge1": 0.0, "ge2": 0.0, "all": 0.0}
+    # two answers asked for: both 1+2 and 2+1 are the same canonical answer, so never 2 distinct
+    two = dict(row, k=2)
+    guess = tasks.chance([two], draws=2000, seed=4)
+    assert guess["ge2"] == 0.0 and guess["all"] == 0.0
+    assert abs(guess["ge1"] - (1 - 0.75 ** 2)) < 0.04  # at least one of the two guesses right
+    assert tasks.chance([{"task": "sudoku", "puzzle": "." * 16}]) == {}

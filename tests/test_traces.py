@@ -189,21 +189,3 @@ def test_tally_drills_join_two_lists_and_train_only_the_copy():
         ids, mask = traces.encode(pieces, tok)
         assert tok.decode([i for i, m in zip(ids, mask) if m]) == copy
     assert {n for pair in lengths for n in pair} == {1, 2, 3, 4}  # both lists vary, 1-4 items
-
-
-def test_chance_matches_the_hand_computed_probability():
-    # numbers 1 and 2: random_expression takes both, in one of 2 orders, with one of 4 ops,
-    # all 8 equally likely; "1+2" and "2+1" make 3, so one guess in four is right.
-    row = {"task": "countdown", "numbers": [1, 2], "target": 3, "k": 1}
-    guess = traces.chance([row], draws=4000, seed=3)
-    assert set(guess) == {"ge1", "all"}
-    assert abs(guess["ge1"] - 0.25) < 0.03 and guess["all"] == guess["ge1"]
-    # target 5 is out of reach of 1 and 2: nothing can be right
-    unreachable = dict(row, target=5, k=2)
-    assert traces.chance([unreachable], draws=50) == {"ge1": 0.0, "ge2": 0.0, "all": 0.0}
-    # two answers asked for: both 1+2 and 2+1 are the same canonical answer, so never 2 distinct
-    two = dict(row, k=2)
-    guess = traces.chance([two], draws=2000, seed=4)
-    assert guess["ge2"] == 0.0 and guess["all"] == 0.0
-    assert abs(guess["ge1"] - (1 - 0.75 ** 2)) < 0.04  # at least one of the two guesses right
-    assert traces.chance([{"task": "sudoku", "puzzle": "." * 16}]) == {}
