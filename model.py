@@ -4,15 +4,16 @@ drives to decode many threads (organizer and workers) in one batch.
 
 Read top to bottom:
   1. GPTConfig and the named presets (tiny / small / gpu).
-  2. The model: packed rows (pack, packed_positions), attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
+  2. Packed rows (pack, packed_positions): several training sequences in one row.
+  3. The model: attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
      position embeddings, input and output embeddings tied, GELU (tanh form,
      exactly as GPT-2, so a Hugging Face checkpoint gives identical logits);
      rotary positions, untied embeddings and the previous-token input ("smear")
      are config switches.
-  3. KVCache: one preallocated tensor of keys and one of values, split into
+  4. KVCache: one preallocated tensor of keys and one of values, split into
      "slots". Each slot holds one token sequence, and each slot is at its own
      position. GPT.forward_cached appends tokens to some slots and returns logits.
-  4. GPT.from_pretrained: load a GPT-2 checkpoint in Hugging Face format.
+  5. GPT.from_pretrained: load a GPT-2 checkpoint in Hugging Face format.
 
 Sampling lives in the executor.
 """
