@@ -102,10 +102,9 @@ class RecordingExecutor(Executor):
         super().__init__(model, tok, cfg)
         self.calls = []
 
-    def forward(self, idx, threads, n_new=None):
-        slots = torch.tensor([th.slot for th in threads])
-        self.calls.append((slots, self.cache.lengths[slots].clone(), idx.clone(), n_new))
-        return super().forward(idx, threads, n_new)
+    def forward(self, idx, slots, n_new):
+        self.calls.append((slots, self.cache.lengths[slots].clone(), idx.clone(), n_new.clone()))
+        return super().forward(idx, slots, n_new)
 
 
 def timed(fn, device):
@@ -386,12 +385,14 @@ def bench(args):
 
 def keys_read(calls):
     """(cached keys the decode forwards read, keys their rows need): a batched decode reads every
-    row up to the longest row's length, so the first is rows * (max length + 1) per forward."""
+    row, riders included, up to the longest length of a row that decodes, so the first is
+    rows * (that length + 1) per forward and the second the decoding rows' lengths + 1."""
     read = need = 0
-    for slots, lengths, idx, _ in calls:
+    for slots, lengths, idx, n_new in calls:
         if idx.size(1) == 1:
-            read += len(slots) * (int(lengths.max()) + 1)
-            need += int((lengths + 1).sum())
+            live = n_new > 0
+            read += len(slots) * (int(lengths[live].max()) + 1)
+            need += int((lengths[live] + 1).sum())
     return read, need
 
 

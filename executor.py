@@ -47,6 +47,7 @@ Thinking modes, all producing the same episodes:
   async       the model organizes itself with pool capacity c (AsyncThink).
 """
 
+import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -168,8 +169,6 @@ class Episode:
 # The executor
 
 class Executor:
-    min_split_keys = 4096  # see length_buckets
-
     def __init__(self, model: GPT, tok: P.Tokenizer, cfg: RunConfig):
         cfg.check()
         self.model, self.tok, self.cfg = model, tok, cfg
@@ -238,15 +237,12 @@ class Executor:
 
     # ---- phase 2: push tokens into the cache
     def push_feeds(self, threads):
-        """One padded prefill for threads with several pending tokens (new prompts, join
-        results), one batched decode forward for threads with a single pending token."""
+        """One batched decode forward for threads with a single pending token, one padded
+        prefill for threads with several (new prompts, join results)."""
         decode = [th for th in threads if len(th.feed) == 1]
         prefill = [th for th in threads if len(th.feed) > 1]
-        for group in self.length_buckets(decode):
-            idx = torch.tensor([th.feed for th in group], device=self.device)  # (B, 1)
-            logits = self.forward(idx, group)
-            for th, row in zip(group, logits[:, -1]):
-                th.logits, th.feed = row, []
+        if decode:
+            self.decode(decode)
         if prefill:
             T = max(len(th.feed) for th in prefill)
             if max(int(self.cache.lengths[th.slot]) for th in prefill) + T > self.cache.max_len:
@@ -258,36 +254,29 @@ class Executor:
                 idx = torch.tensor([th.feed + [self.tok.pad] * (T - len(th.feed)) for th in group],
                                    device=self.device)  # (B, T), right-padded
                 n_new = torch.tensor([len(th.feed) for th in group])
-                logits = self.forward(idx, group, n_new)
+                logits = self.forward(idx, torch.tensor([th.slot for th in group]), n_new)
                 for th, row, n in zip(group, logits, n_new.tolist()):
                     th.logits, th.feed = row[n - 1], []
 
-    def length_buckets(self, threads):
-        """Decode threads in one forward, or in two split by cache length when that reads at
-        least a quarter fewer cached keys. A batched decode reads every row's keys up to the
-        LONGEST row (L), so one 900-token organizer makes forty 100-token workers read 900
-        keys each, a copy in every layer. Sorted by length, a split at i costs
-        i * L_short + (B - i) * L_long key reads instead of B * L_long: with 10 organizers
-        at 900 and 30 workers at 100, 30 * 100 + 10 * 900 = 12,000 instead of 36,000.
-        A second forward has a fixed cost of its own (on a CPU about what reading a few thousand
-        cached keys costs), so a split must also save min_split_keys reads: one episode of five
-        short threads stays in one forward."""
-        if len(threads) < 2:
-            return [threads] if threads else []
-        held = self.cache.lengths[torch.tensor([th.slot for th in threads])].tolist()
-        order = sorted(range(len(threads)), key=held.__getitem__)
-        threads, L = [threads[i] for i in order], [held[i] + 1 for i in order]  # keys after this step
-        B = len(threads)
-        cost = lambda i: i * L[i - 1] + (B - i) * L[-1]
-        best = min(range(1, B), key=cost)
-        saved = B * L[-1] - cost(best)
-        if saved < max(0.25 * B * L[-1], self.min_split_keys):
-            return [threads]
-        return [threads[:best], threads[best:]]
+    def decode(self, threads):
+        """One token for each thread, in one forward over the range of slots lo..hi they span.
+        Consecutive slots read the KV cache as a view, where scattered ones would copy every
+        row's keys in every layer (model.GPT.forward_cached); the slots in between (a waiting
+        organizer's, a free one) ride along with a pad token and n_new = 0, which writes
+        nothing. Slots are handed out lowest first, so the range stays short."""
+        lo = min(th.slot for th in threads)
+        hi = max(th.slot for th in threads)
+        idx = torch.full((hi - lo + 1, 1), self.tok.pad, dtype=torch.long)
+        n_new = torch.zeros(hi - lo + 1, dtype=torch.long)
+        for th in threads:
+            idx[th.slot - lo, 0], n_new[th.slot - lo] = th.feed[0], 1
+        logits = self.forward(idx, torch.arange(lo, hi + 1), n_new)
+        for th in threads:
+            th.logits, th.feed = logits[th.slot - lo, -1], []
 
-    def forward(self, idx, threads, n_new=None):
-        slots = torch.tensor([th.slot for th in threads])
-        return self.model.forward_cached(idx, self.cache, slots, n_new)
+    def forward(self, idx, slots, n_new):
+        """The model's cached forward: idx (B, T) into slots (B,), n_new (B,) tokens each."""
+        return self.model.forward_cached(idx.to(self.device), self.cache, slots, n_new)
 
     # ---- phases 3 and 4: sample, and run the state machines
     def sample_and_advance(self, threads):
@@ -449,7 +438,7 @@ class Executor:
     def release(self, th):
         if th.slot is not None:
             self.cache.free(th.slot)
-            self.free_slots.append(th.slot)
+            bisect.insort(self.free_slots, th.slot)  # kept sorted: the lowest goes out first
             th.slot = None
 
     def end(self, ep, reason):

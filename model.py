@@ -190,21 +190,28 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask):
-        """x (B, T, C) new tokens; k_cache, v_cache (n_slots, max_len, nh, hd) are this
-        layer's cache; slots (B,); pos (B, T) absolute positions of the new tokens;
-        mask (B, 1, T, L) True where a query may look at a key."""
+    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask, read, live):
+        """x (B, T, C) new tokens; k_cache, v_cache (n_slots, nh, max_len, hd) are this
+        layer's cache; slots (B,) long; pos (B, T) absolute positions of the new tokens;
+        mask (B, 1, T, L) True where a query may look at a key; read: slots, or the same
+        slots as a slice when they are consecutive; live: the rows whose tokens are written
+        (slice(None): all). See GPT.forward_cached."""
         B, T, C = x.size()
-        q, k, v = self.qkv(x, pos)
-        # 1. write the new keys/values at their positions in their slots
-        k_cache[slots[:, None], pos] = k
-        v_cache[slots[:, None], pos] = v
-        # 2. read back each slot's first L positions (old prefix + the new tokens)
+        q, k, v = self.qkv(x, pos)  # (B, T, nh, hd)
+        # 1. write the new keys/values at their positions in their slots (the two index
+        #    tensors are apart, so the indexed view is (B, T, nh, hd), the layout of k and v)
+        k_cache[slots[live, None], :, pos[live]] = k[live]
+        v_cache[slots[live, None], :, pos[live]] = v[live]
+        # 2. read back each slot's first L positions (old prefix + the new tokens), heads first
+        #    as attention multiplies them. Consecutive slots are a view of the cache; any others
+        #    a gather, which copies every row's L keys in every layer at every step.
         L = mask.size(-1)
-        k_all, v_all = k_cache[slots, :L], v_cache[slots, :L]  # (B, L, nh, hd)
-        y = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        k_all, v_all = k_cache[read, :, :L], v_cache[read, :, :L]  # (B, nh, L, hd)
+        # 3. attention written out: for a few queries over many cached keys, two batched
+        #    matmuls beat scaled_dot_product_attention on a CPU (BENCHMARKS.md)
+        att = q.transpose(1, 2) @ k_all.transpose(-1, -2) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, L)
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        y = (att @ v_all).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -233,8 +240,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), pos, mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask):
-        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, slots, pos, mask)
+    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask, read, live):
+        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, slots, pos, mask, read, live)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -342,7 +349,13 @@ class GPT(nn.Module):
         also into a slot that already holds tokens. Rows of different true lengths are
         right-padded; n_new (B,) gives each row's true count (default: all T). Every
         row's T positions are written, but its length only advances by n_new[b], so the
-        padding sits beyond the slot's length and is overwritten by the next append.
+        padding sits beyond the slot's length and is overwritten by the next append. A row
+        with n_new[b] = 0 writes nothing and its slot stays as it was.
+
+        Rows that are consecutive slots (slots = lo, lo+1, ..., in order) read the cache as
+        a view; any other rows are gathered, a copy of every row's keys and values in every
+        layer. So the executor decodes its threads as one range of slots, the slots in
+        between (a waiting organizer's, a free one) riding along with n_new = 0.
 
         The new token j of row b sits at position p = lengths[slot] + j. It may look at
         key position k iff k <= p. That one rule gives both the causal mask aligned to
@@ -365,12 +378,18 @@ class GPT(nn.Module):
         if int(n_new.min()) < 0 or int(n_new.max()) > T:
             raise ValueError(f"n_new must lie in [0, {T}], got {n_new.tolist()}")
         start = cache.lengths[slots]  # (B,)
-        L = int((start + T).max())  # longest key range any row needs
+        written = n_new > 0
+        L = int((start + T)[written].max()) if bool(written.any()) else 1  # longest key range needed
         if L > cache.max_len:
             raise ValueError(f"KV cache overflow: appending {T} tokens to slots {slots.tolist()} "
                              f"with lengths {start.tolist()} exceeds max_len {cache.max_len}")
+        lo = int(slots[0])
+        consecutive = bool((slots == torch.arange(lo, lo + B, device=slots.device)).all())
+        read = slice(lo, lo + B) if consecutive else slots
+        live = slice(None) if bool(written.all()) else torch.nonzero(written).squeeze(1)
 
-        pos = start[:, None] + torch.arange(T, device=slots.device)  # (B, T)
+        # (B, T); clamped only where a row writes nothing (a full slot riding along)
+        pos = (start[:, None] + torch.arange(T, device=slots.device)).clamp(max=cache.max_len - 1)
         key_pos = torch.arange(L, device=slots.device)  # (L,)
         mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
         pos, mask = pos.to(idx.device), mask.to(idx.device)
@@ -379,9 +398,9 @@ class GPT(nn.Module):
         prev = torch.cat([cache.last[slots][:, None], idx[:, :-1]], dim=1)  # (B, T)
         x = self.embed(idx, prev, pos)
         for i, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask)
+            x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask, read, live)
         logits = self.lm_head(self.transformer.ln_f(x))
-        rows = torch.nonzero(n_new > 0).squeeze(1)  # rows that appended something
+        rows = torch.nonzero(written).squeeze(1)  # rows that appended something
         cache.last[slots[rows]] = idx[rows, n_new[rows] - 1]
         cache.lengths[slots] = start + n_new
         return logits
@@ -477,7 +496,8 @@ class KVCache:
     """Keys and values of already-processed tokens, so decoding a token costs one
     forward over that token instead of over the whole sequence.
 
-    k, v: (n_layer, n_slots, max_len, n_head, head_dim), preallocated once.
+    k, v: (n_layer, n_slots, n_head, max_len, head_dim), preallocated once (heads before
+    positions: a slot's keys read back in the layout attention multiplies in).
     lengths: (n_slots,) long, how many positions of each slot are valid.
     last: (n_slots,) long, each slot's last token (the next token's predecessor, for smear).
     A slot is one token sequence (one AsyncThink thread); slots are independent and
@@ -492,7 +512,7 @@ class KVCache:
         max_len = max_len or config.block_size
         if max_len > config.block_size:
             raise ValueError(f"max_len {max_len} exceeds the model's block_size {config.block_size}")
-        shape = (config.n_layer, n_slots, max_len, config.n_head, config.n_embd // config.n_head)
+        shape = (config.n_layer, n_slots, config.n_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.v = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)

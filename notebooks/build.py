@@ -391,7 +391,7 @@ EXECUTOR = [
     prefix's. AsyncThink has many threads of different lengths, so the cache is split into
     **slots**, one thread per slot, each slot at its own length:
 
-    * `k`, `v`: `(n_layer, n_slots, max_len, n_head, head_dim)`, allocated once;
+    * `k`, `v`: `(n_layer, n_slots, n_head, max_len, head_dim)`, allocated once;
     * `lengths`: `(n_slots,)`, how many positions of each slot hold real tokens.
 
     We use the `tiny` model preset (2 layers, 2 heads, 32 channels) so that the numbers stay small.

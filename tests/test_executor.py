@@ -341,20 +341,29 @@ def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
     assert json.loads((tmp_path / "o.jsonl").read_text())["mode"] == "async"
 
 
-def test_decode_length_buckets_split_long_rows_from_short_ones():
-    """Worked by hand: one slot holding 199 tokens and three holding 19 read 4 x 200 = 800 keys
-    in one decode forward, 3 x 20 + 200 = 260 in two: 540 saved, split when a second forward
-    costs less than that (min_split_keys), one forward with the default (4096). Lengths 90..99
-    gain too little: one forward. Every thread is decoded exactly once either way."""
+def test_decode_is_one_forward_over_a_range_of_slots():
+    """Threads in slots 0, 1 and 3 (slot 2 holds a waiting thread) decode in one forward over
+    slots 0..3, slot 2 riding along with n_new = 0; each thread's logits equal a full forward of
+    its own tokens (oracle), and slot 2 is left as it was. Released slots go out lowest first."""
     from types import SimpleNamespace
-    ex = E.Executor(tiny_model(), tok, E.RunConfig(mode="async", capacity=4))
-    threads = [SimpleNamespace(slot=s) for s in range(4)]
-    ex.cache.lengths[:4] = torch.tensor([19, 199, 19, 19])
-    assert len(ex.length_buckets(threads)) == 1  # 540 < 4096: the second forward costs more
-    ex.min_split_keys = 500
-    short, long = ex.length_buckets(threads)
-    assert [th.slot for th in long] == [1] and sorted(th.slot for th in short) == [0, 2, 3]
-    ex.cache.lengths[:4] = torch.tensor([90, 99, 95, 93])
-    (one,) = ex.length_buckets(threads)
-    assert sorted(th.slot for th in one) == [0, 1, 2, 3]
-    assert ex.length_buckets([]) == [] and ex.length_buckets(threads[:1]) == [threads[:1]]
+    model = tiny_model()
+    ex = E.Executor(model, tok, E.RunConfig(mode="async", capacity=4))
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(tok.n_vocab, (n,), generator=g) for n in (5, 9, 7, 3)]
+    with torch.no_grad():
+        for s, seq in enumerate(seqs):
+            model.forward_cached(seq[None, :-1], ex.cache, torch.tensor([s]))
+    calls, forward = [], model.forward_cached
+    model.forward_cached = lambda idx, cache, slots, n_new=None: calls.append((slots.tolist(), n_new.tolist())) or forward(idx, cache, slots, n_new)
+    threads = [SimpleNamespace(slot=s, feed=[int(seqs[s][-1])], logits=None) for s in (3, 0, 1)]
+    ex.decode(threads)
+    assert calls == [([0, 1, 2, 3], [1, 1, 0, 1])]
+    assert ex.cache.lengths.tolist()[:4] == [5, 9, 6, 3]  # slot 2 stays at 6
+    for th in threads:
+        ref = model(seqs[th.slot][None])[0, -1]
+        torch.testing.assert_close(th.logits, ref, atol=1e-5, rtol=1e-5)
+        assert th.feed == []
+    ex.free_slots = []
+    for s in (5, 1, 3):
+        ex.release(SimpleNamespace(slot=s))
+    assert ex.free_slots == [1, 3, 5]

@@ -197,14 +197,17 @@ class GrammarModel(nn.Module):
         assert slots.shape == (B,) and slots.unique().numel() == B, slots
         assert 0 <= int(slots.min()) and int(slots.max()) < cache.n_slots, slots
         n_new = torch.full((B,), T) if n_new is None else torch.as_tensor(n_new)
-        assert 1 <= int(n_new.min()) and int(n_new.max()) <= T, n_new
+        assert 0 <= int(n_new.min()) and int(n_new.max()) <= T and int(n_new.max()) >= 1, n_new
         start = cache.lengths[slots]
-        if int((start + T).max()) > cache.max_len:  # the real model's error
+        if int((start + T)[n_new > 0].max()) > cache.max_len:  # the real model's error
             raise ValueError(f"KV cache overflow: appending {T} tokens to slots {slots.tolist()} "
                              f"with lengths {start.tolist()} exceeds max_len {cache.max_len}")
         assert 0 <= int(idx.min()) and int(idx.max()) < V, idx
         rows = []
         for b, (slot, n) in enumerate(zip(slots.tolist(), n_new.tolist())):
+            if n == 0:  # riding along: writes nothing, and its logits are never read
+                rows.append(torch.zeros(V))
+                continue
             if cache.states[slot] is None or int(cache.lengths[slot]) == 0:
                 cache.states[slot] = SlotState()
             for t in idx[b, :n].tolist():

@@ -142,6 +142,30 @@ def test_batched_prefill_with_right_padding(model):
             torch.testing.assert_close(logits[i, 0], ref, **TOL)
 
 
+def test_consecutive_slots_read_a_view_and_rows_with_nothing_new_write_nothing(model):
+    """The executor's decode step: one forward over the consecutive slots 1..4, where slot 2
+    (a waiting thread's, full to the last position) and slot 3 (free) ride along with n_new = 0.
+    Oracle: the live rows' logits equal the full forward's, and the riders' slots are untouched
+    (keys, values, length, last token)."""
+    g = torch.Generator().manual_seed(6)
+    cache = model.new_cache(n_slots=5, max_len=16)
+    seqs = {1: torch.randint(V, (5,), generator=g), 2: torch.randint(V, (16,), generator=g),
+            4: torch.randint(V, (9,), generator=g)}
+    with torch.no_grad():
+        for s, seq in seqs.items():
+            model.forward_cached(seq[None], cache, torch.tensor([s]))
+        before = [t.clone() for t in (cache.k, cache.v, cache.lengths, cache.last)]
+        nxt = torch.randint(V, (4, 1), generator=g)
+        logits = model.forward_cached(nxt, cache, torch.tensor([1, 2, 3, 4]), n_new=torch.tensor([1, 0, 0, 1]))
+        for row, s in ((0, 1), (3, 4)):
+            ref = full_logits(model, torch.cat([seqs[s], nxt[row]]))[-1]
+            torch.testing.assert_close(logits[row, 0], ref, **TOL)
+    for old, new in zip(before, (cache.k, cache.v, cache.lengths, cache.last)):
+        torch.testing.assert_close(old[..., 2:4, :, :, :] if old.dim() == 5 else old[2:4],
+                                   new[..., 2:4, :, :, :] if new.dim() == 5 else new[2:4])
+    assert cache.lengths.tolist() == [0, 6, 16, 0, 10]
+
+
 def test_bad_cache_use_is_loud(model):
     cache = model.new_cache(n_slots=2, max_len=8)
     with torch.no_grad():
@@ -155,7 +179,7 @@ def test_bad_cache_use_is_loud(model):
         model.new_cache(n_slots=1, max_len=65)  # beyond block_size 64
     c = model.config
     assert cache.nbytes() == 2 * c.n_layer * 2 * 8 * c.n_embd * 4
-    assert KVCache(c, n_slots=3, max_len=5).k.shape == (c.n_layer, 3, 5, c.n_head, c.n_embd // c.n_head)
+    assert KVCache(c, n_slots=3, max_len=5).k.shape == (c.n_layer, 3, c.n_head, 5, c.n_embd // c.n_head)
 
 
 def test_per_token_loss(model):
