@@ -169,6 +169,8 @@ class Episode:
 # The executor
 
 class Executor:
+    min_split_keys = 4096  # see slot_ranges
+
     def __init__(self, model: GPT, tok: P.Tokenizer, cfg: RunConfig):
         cfg.check()
         self.model, self.tok, self.cfg = model, tok, cfg
@@ -259,20 +261,46 @@ class Executor:
                     th.logits, th.feed = row[n - 1], []
 
     def decode(self, threads):
-        """One token for each thread, in one forward over the range of slots lo..hi they span.
-        Consecutive slots read the KV cache as a view, where scattered ones would copy every
-        row's keys in every layer (model.GPT.forward_cached); the slots in between (a waiting
-        organizer's, a free one) ride along with a pad token and n_new = 0, which writes
-        nothing. Slots are handed out lowest first, so the range stays short."""
-        lo = min(th.slot for th in threads)
-        hi = max(th.slot for th in threads)
-        idx = torch.full((hi - lo + 1, 1), self.tok.pad, dtype=torch.long)
-        n_new = torch.zeros(hi - lo + 1, dtype=torch.long)
-        for th in threads:
-            idx[th.slot - lo, 0], n_new[th.slot - lo] = th.feed[0], 1
-        logits = self.forward(idx, torch.arange(lo, hi + 1), n_new)
-        for th in threads:
-            th.logits, th.feed = logits[th.slot - lo, -1], []
+        """One token for each thread, in one forward over the range of slots lo..hi they span
+        (or two, see slot_ranges). Consecutive slots read the KV cache as a view, where
+        scattered ones would copy every row's keys in every layer (model.GPT.forward_cached);
+        the slots in between (a waiting organizer's, a free one) ride along with a pad token
+        and n_new = 0, which writes nothing. Slots are handed out lowest first, so a range
+        stays short."""
+        for group in self.slot_ranges(threads):
+            lo, hi = group[0].slot, group[-1].slot
+            idx = torch.full((hi - lo + 1, 1), self.tok.pad, dtype=torch.long)
+            n_new = torch.zeros(hi - lo + 1, dtype=torch.long)
+            for th in group:
+                idx[th.slot - lo, 0], n_new[th.slot - lo] = th.feed[0], 1
+            logits = self.forward(idx, torch.arange(lo, hi + 1), n_new)
+            for th in group:
+                th.logits, th.feed = logits[th.slot - lo, -1], []
+
+    def slot_ranges(self, threads):
+        """The threads in slot order, as one range or split in two where that reads at least a
+        quarter fewer cached keys. Every row of a range, riders included, reads keys up to the
+        longest thread's length, so one 900-token organizer in a range of forty 100-token
+        workers makes each read 900. Splitting after thread i costs rows(first) * longest(first)
+        + rows(second) * longest(second) instead of rows(all) * longest(all): organizers,
+        admitted first, hold the low slots, so the split usually parts them from the workers.
+        A second forward has a fixed cost of its own (on a CPU about what reading a few
+        thousand cached keys costs), so a split must also save min_split_keys reads."""
+        threads = sorted(threads, key=lambda th: th.slot)
+        if len(threads) < 2:
+            return [threads]
+        keys = [int(self.cache.lengths[th.slot]) + 1 for th in threads]  # after this step
+        rows = lambda i, j: threads[j].slot - threads[i].slot + 1  # the slots from thread i to j
+        B = len(threads)
+        head = [max(keys[:i + 1]) for i in range(B)]  # longest up to thread i
+        tail = [max(keys[i:]) for i in range(B)]      # longest from thread i
+        cost = lambda i: rows(0, i) * head[i] + rows(i + 1, B - 1) * tail[i + 1]  # split after i
+        one = rows(0, B - 1) * head[-1]
+        best = min(range(B - 1), key=cost)
+        if one - cost(best) < max(0.25 * one, self.min_split_keys):
+            return [threads]
+        return [threads[:best + 1], threads[best + 1:]]
+
 
     def forward(self, idx, slots, n_new):
         """The model's cached forward: idx (B, T) into slots (B,), n_new (B,) tokens each."""

@@ -367,3 +367,25 @@ def test_decode_is_one_forward_over_a_range_of_slots():
     for s in (5, 1, 3):
         ex.release(SimpleNamespace(slot=s))
     assert ex.free_slots == [1, 3, 5]
+
+
+def test_slot_ranges_part_a_long_thread_from_short_ones_by_hand():
+    """Worked by hand: threads in slots 0, 1, 2, 3 holding 199, 19, 19, 19 tokens read 4 x 200 =
+    800 keys in one range, 1 x 200 + 3 x 20 = 260 in two (split after slot 0): 540 saved, a
+    split when a second forward costs less than that (min_split_keys), one range with the
+    default 4096. A gap in the slots counts its riders: slots 0 and 5 at 99 and 9 read 6 x 100."""
+    from types import SimpleNamespace
+    ex = E.Executor(tiny_model(), tok, E.RunConfig(mode="async", capacity=4))
+    threads = [SimpleNamespace(slot=s) for s in (2, 0, 3, 1)]
+    ex.cache.lengths[:4] = torch.tensor([199, 19, 19, 19])
+    (one,) = ex.slot_ranges(threads)
+    assert [th.slot for th in one] == [0, 1, 2, 3]  # 540 < 4096: in slot order, one range
+    ex.min_split_keys = 500
+    first, second = ex.slot_ranges(threads)
+    assert [th.slot for th in first] == [0] and [th.slot for th in second] == [1, 2, 3]
+    ex.min_split_keys = 0
+    ex.cache.lengths[:6] = torch.tensor([99, 0, 0, 0, 0, 9])
+    pair = [SimpleNamespace(slot=5), SimpleNamespace(slot=0)]
+    assert [[th.slot for th in g] for g in ex.slot_ranges(pair)] == [[0], [5]]  # 600 -> 100 + 10
+    assert ex.slot_ranges(pair[:1]) == [pair[:1]]
+
