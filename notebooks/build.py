@@ -515,10 +515,12 @@ EXECUTOR = [
             super().__init__(*args)
             self.calls, self.notes = [], []
 
-        def forward(self, idx, threads, n_new=None):
+        def forward(self, idx, slots, n_new):
+            held = {th.slot: name(th) for ep in self.active for th in ep.threads if th.slot is not None}
             self.calls.append(dict(step=self.clock + 1, shape=tuple(idx.shape),  # runs in step clock + 1
-                                   rows=[(name(th), th.slot, int(self.cache.lengths[th.slot])) for th in threads]))
-            return super().forward(idx, threads, n_new)
+                                   rows=[(held.get(s, "free"), s, int(self.cache.lengths[s]), n)
+                                         for s, n in zip(slots.tolist(), n_new.tolist())]))
+            return super().forward(idx, slots, n_new)
 
         def sample_and_advance(self, threads):
             slot_before = {name(th): th.slot for th in threads}
@@ -596,8 +598,11 @@ EXECUTOR = [
     for call in ex.calls:
         if call["step"] == 24:
             print(f"step {call['step']}: idx {call['shape']}")
-            for who, slot, length in call["rows"]:
-                print(f"    {who} in slot {slot}, {length} tokens cached -> its new token goes to position {length}")
+            for who, slot, length, n in call["rows"]:
+                if n == 0:  # a slot between two decoding ones: its row writes nothing
+                    print(f"    {who} in slot {slot}: rides along (n_new = 0), its slot stays at {length} tokens")
+                else:
+                    print(f"    {who} in slot {slot}, {length} tokens cached -> its new token goes to position {length}")
     sizes = [call["shape"][0] for call in ex.calls if call["shape"][1] == 1]
     print("rows per decode forward over the episode:", sizes)
     """),
