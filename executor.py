@@ -50,6 +50,7 @@ Thinking modes, all producing the same episodes:
 import bisect
 import time
 from collections import Counter
+from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -269,11 +270,10 @@ class Executor:
         stays short."""
         for group in self.slot_ranges(threads):
             lo, hi = group[0].slot, group[-1].slot
-            idx = torch.full((hi - lo + 1, 1), self.tok.pad, dtype=torch.long)
-            n_new = torch.zeros(hi - lo + 1, dtype=torch.long)
+            ids, new = [self.tok.pad] * (hi - lo + 1), [0] * (hi - lo + 1)  # riders: pad, 0
             for th in group:
-                idx[th.slot - lo, 0], n_new[th.slot - lo] = th.feed[0], 1
-            logits = self.forward(idx, torch.arange(lo, hi + 1), n_new)
+                ids[th.slot - lo], new[th.slot - lo] = th.feed[0], 1
+            logits = self.forward(torch.tensor(ids)[:, None], torch.arange(lo, hi + 1), torch.tensor(new))
             for th in group:
                 th.logits, th.feed = logits[th.slot - lo, -1], []
 
@@ -289,11 +289,12 @@ class Executor:
         threads = sorted(threads, key=lambda th: th.slot)
         if len(threads) < 2:
             return [threads]
-        keys = [int(self.cache.lengths[th.slot]) + 1 for th in threads]  # after this step
+        held = self.cache.lengths.tolist()
+        keys = [held[th.slot] + 1 for th in threads]  # after this step
         rows = lambda i, j: threads[j].slot - threads[i].slot + 1  # the slots from thread i to j
         B = len(threads)
-        head = [max(keys[:i + 1]) for i in range(B)]  # longest up to thread i
-        tail = [max(keys[i:]) for i in range(B)]      # longest from thread i
+        head = list(accumulate(keys, max))              # longest up to thread i
+        tail = list(accumulate(keys[::-1], max))[::-1]  # longest from thread i
         cost = lambda i: rows(0, i) * head[i] + rows(i + 1, B - 1) * tail[i + 1]  # split after i
         one = rows(0, B - 1) * head[-1]
         best = min(range(B - 1), key=cost)

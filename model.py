@@ -386,7 +386,8 @@ class GPT(nn.Module):
         lo = int(slots[0])
         consecutive = bool((slots == torch.arange(lo, lo + B, device=slots.device)).all())
         read = slice(lo, lo + B) if consecutive else slots
-        live = slice(None) if bool(written.all()) else torch.nonzero(written).squeeze(1)
+        rows = torch.nonzero(written).squeeze(1)  # the rows that append something
+        live = slice(None) if len(rows) == B else rows
 
         # (B, T); clamped only where a row writes nothing (a full slot riding along)
         pos = (start[:, None] + torch.arange(T, device=slots.device)).clamp(max=cache.max_len - 1)
@@ -400,7 +401,6 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask, read, live)
         logits = self.lm_head(self.transformer.ln_f(x))
-        rows = torch.nonzero(written).squeeze(1)  # rows that appended something
         cache.last[slots[rows]] = idx[rows, n_new[rows] - 1]
         cache.lengths[slots] = start + n_new
         return logits
