@@ -526,12 +526,12 @@ def all_mean(values, world, device):
     return {k: v / world for k, v in zip(values, t.tolist())}
 
 
-def rl_update(net, model, optimizer, ref, batches, cfg, device, autocast, step, path):
+def rl_update(net, optimizer, ref, batches, cfg, device, autocast):
     """cfg.inner_updates optimizer steps on one RL step's rollouts: the PPO-clipped surrogate plus
     the KL to the reference, a token-level mean over the generated tokens. batches are
     grpo.thread_batches (x, y, old log-probs, advantages, segments). Returns the last pass's
     loss, kl, clipped share and entropy, per generated token."""
-    model.train()
+    net.train()
     if not batches:  # every group had equal rewards: a zero-loss pass keeps DDP ranks in step
         batches = [(torch.zeros((1, 1), dtype=torch.long), torch.full((1, 1), -1), torch.zeros((1, 1)),
                     torch.zeros((1, 1)), torch.zeros((1, 1), dtype=torch.long))]
@@ -561,10 +561,9 @@ def rl_update(net, model, optimizer, ref, batches, cfg, device, autocast, step, 
                 stats["kl"] += kl.item() / n_gen
                 stats["clipped"] += s["clipped"] / n_gen
                 stats["entropy"] += s["entropy"] / n_gen
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         if not math.isfinite(float(norm)):  # a NaN or inf anywhere in the loss reaches the norm
-            raise FloatingPointError(f"RL update is not finite at step {step} (grad norm {float(norm)}); "
-                                     f"the last good checkpoint is kept at {path}")
+            raise FloatingPointError(f"RL update is not finite (grad norm {float(norm)})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
@@ -619,7 +618,10 @@ def train_rl(cfg, rank, world, device, log):
 
         # 2. updates
         batches = grpo.thread_batches(episodes, thread_advs, cfg.micro_tokens)
-        stats = rl_update(net, model, optimizer, ref, batches, cfg, device, autocast, step, path)
+        try:
+            stats = rl_update(net, optimizer, ref, batches, cfg, device, autocast)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step}; the last good checkpoint is kept at {path}")
         t_update = time.perf_counter() - t0 - t_rollout
 
         # 3. log
