@@ -249,9 +249,150 @@ def main(argv=None):
         torch.set_num_threads(threads)
 
 
+@dataclass
+class Setup:
+    """What every timed method runs on: the model, the scripted episodes, and per episode count n
+    setups[n] = {ex: an executor for n episodes, threads: their threads, steps, calls: its
+    forwards for the bare replay, bare: the replay's cache, tokens: tokens generated}."""
+    model: GPT
+    device: str
+    rows: list
+    counts: list
+    force: object
+    setups: dict
+    first: list          # the threads of episode 0 at the smallest count: the naive way's work
+    one: Executor        # one async episode ...
+    seq: Executor        # ... and the same number of tokens in one sequential thread
+    seq_force: object
+    total: int           # tokens of that async episode
+    path: int            # its critical path
+    mem: dict            # cache memory (Linux, CPU), or None
+
+
+def check(episodes):
+    stops = {ep.stop_reason for ep in episodes}
+    assert stops == {ANSWERED}, f"a scripted episode did not end with its answer: {stops}"
+    return episodes
+
+
+def prepare(args, script, tok, cfg, max_len, device):
+    """Build the model, run every method once (the warm-up), and record what the timed runs replay."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device).eval()
+    org, worker = scripts(tok, script)
+    capacity, force = script.workers + 1, forcer(org, worker)
+    counts = args.episodes or ([1, 2] if args.quick else [1, 8, 32])
+    rows = tasks.make_puzzles("countdown", "small", n=max(counts), seed=0)
+    # (4) first, while the process's peak memory is still its current memory
+    linux_cpu = device == "cpu" and os.path.exists("/proc/self/statm")
+    mem = cache_memory(model, max(counts) * capacity, max_len) if linux_cpu else None
+
+    def executor(mode, n, record=False):
+        run_cfg = RunConfig(mode=mode, capacity=capacity if mode == "async" else 1,
+                            batch_episodes=n, max_len=max_len)
+        return (RecordingExecutor if record else Executor)(model, tok, run_cfg)
+
+    setups = {}
+    for n in counts:
+        rec = executor("async", n, record=True)
+        threads = [th for ep in check(rec.run(rows[:n], force=force)) for th in ep.threads]
+        setups[n] = dict(ex=executor("async", n), threads=threads, steps=rec.clock, calls=rec.calls,
+                         bare=model.new_cache(rec.n_slots, max_len),
+                         tokens=sum(th.generated for th in threads))
+        replay_bare(model, rec.calls, setups[n]["bare"])
+        decode_alone(model, threads[:2], max_len, device)
+    first = [th for th in setups[counts[0]]["threads"] if th.episode.index == 0]
+    one, seq = executor("async", 1), executor("sequential", 1)
+    ep1 = check(one.run(rows[:1], force=force))[0]
+    total, path = sum(th.generated for th in ep1.threads), P.critical_path(trajectory(ep1, tok, one.cfg))
+    seq_force = forcer(text(total - 3) + [tok.answer, ord("7"), tok.answer_end], [])
+    check(seq.run(rows[:1], force=seq_force))
+    return Setup(model, device, rows, counts, force, setups, first, one, seq, seq_force, total, path, mem)
+
+
+def time_methods(b: Setup, repeats):
+    """Every method side by side in each repeat (the machine is noisy); the median seconds of each."""
+    times = {}
+    bar = tqdm(total=repeats * (len(b.counts) + 1), desc="bench", unit="run", file=sys.stderr)
+    for _ in range(repeats):
+        for n in b.counts:
+            st = b.setups[n]
+            for key, fn in [("executor", lambda: st["ex"].run(b.rows[:n], force=b.force)),
+                            ("bare", lambda: replay_bare(b.model, st["calls"], st["bare"])),
+                            ("alone", lambda: decode_alone(b.model, st["threads"], st["bare"].max_len, b.device))]:
+                times.setdefault((key, n), []).append(timed(fn, b.device))
+            bar.update()
+        for key, fn in [("naive", lambda: decode_naive(b.model, b.first, b.device)),
+                        ("async1", lambda: b.one.run(b.rows[:1], force=b.force)),
+                        ("seq1", lambda: b.seq.run(b.rows[:1], force=b.seq_force))]:
+            times.setdefault(key, []).append(timed(fn, b.device))
+        bar.update()
+    bar.close()
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def section_throughput(b: Setup, med):
+    print("\n## 1. Throughput: batched executor vs per-thread loop vs naive (generated tokens/s)\n")
+    N, counts = max(b.counts), b.counts
+    tps = {(key, n): b.setups[n]["tokens"] / med[(key, n)] for key in ("executor", "alone") for n in counts}
+    naive_tokens = sum(th.generated for th in b.first)
+    naive = naive_tokens / med["naive"]
+    table(["episodes", "tokens", "executor tok/s", "per-thread loop tok/s", "naive tok/s",
+           "executor / loop", "executor / naive"],
+          [[str(n), str(b.setups[n]["tokens"]), f"{tps['executor', n]:.0f}", f"{tps['alone', n]:.0f}",
+            f"{naive:.0f}", f"{tps['executor', n] / tps['alone', n]:.2f}x",
+            f"{tps['executor', n] / naive:.1f}x"] for n in counts])
+    vs_loop, vs_naive = tps["executor", N] / tps["alone", N], tps["executor", N] / naive
+    print(f"\nnaive: timed on the {len(b.first)} threads of one episode only ({naive_tokens} tokens); it "
+          "decodes one thread at a time, so its tokens/s does not depend on the episode count.")
+    print(f"target >= 5x the per-thread loop at {N} episodes: {vs_loop:.2f}x, {verdict(vs_loop >= 5)}; "
+          f">= 20x naive: {vs_naive:.1f}x, {verdict(vs_naive >= 20)}")
+
+
+def section_bookkeeping(b: Setup, med):
+    print("\n## 2. Bookkeeping: executor step vs bare batched forward_cached of the same rows\n")
+    lines = []
+    for n in b.counts:
+        st = b.setups[n]
+        decode_rows = sum(len(slots) for slots, _, idx, _ in st["calls"] if idx.size(1) == 1)
+        ex_ms, bare_ms = (1e3 * med[(key, n)] / st["steps"] for key in ("executor", "bare"))
+        lines.append([str(n), str(st["steps"]), str(len(st["calls"])), f"{decode_rows / st['steps']:.1f}",
+                      f"{ex_ms:.2f}", f"{bare_ms:.2f}", f"{100 * (ex_ms / bare_ms - 1):+.0f}%"])
+    table(["episodes", "steps", "forward calls", "decode rows per step", "executor ms/step",
+           "bare forward ms/step", "overhead"], lines)
+    N = max(b.counts)
+    over = med[("executor", N)] / med[("bare", N)] - 1
+    print(f"\ntarget overhead <= 25% at {N} episodes: {100 * over:+.0f}%, {verdict(over <= 0.25)}")
+
+
+def section_speedup(b: Setup, med):
+    print("\n## 3. Async vs sequential: one episode, measured vs critical-path speedup\n")
+    predicted, measured = b.total / b.path, med["seq1"] / med["async1"]
+    off = max(measured / predicted, predicted / measured)
+    table(["tokens", "critical path", "predicted speedup", "async s", "sequential s",
+           "measured speedup", "predicted / measured"],
+          [[str(b.total), str(b.path), f"{predicted:.2f}x", f"{med['async1']:.3f}", f"{med['seq1']:.3f}",
+            f"{measured:.2f}x", f"{predicted / measured:.2f}"]])
+    print(f"\ntarget measured speedup within 1.3x of predicted: off by {off:.2f}x, {verdict(off <= 1.3)}")
+
+
+def section_memory(b: Setup, capacity, max_len):
+    print("\n## 4. KV cache memory: cache.nbytes() vs 2 * n_layer * n_slots * max_len * n_embd * 4\n")
+    if b.mem is None:
+        print(f"(resident memory is measured on Linux and cpu only, not on {b.device})")
+        return
+    mem = b.mem
+    table(["slots x max_len", "cache.nbytes()", "formula", "RSS growth after allocation",
+           "after writing every element", "peak RSS growth"],
+          [[f"{max(b.counts) * capacity} x {max_len}", mib(mem["nbytes"]), mib(mem["formula"]),
+            mib(mem["alloc"]), mib(mem["touched"]), mib(mem["peak"])]])
+    print("\nRSS: /proc/self/statm before and after (tracemalloc does not see torch's allocator); "
+          "torch.zeros writes every page, so the cache is resident as soon as it is allocated.")
+
+
 @torch.no_grad()
 def bench(args):
-    counts = args.episodes or ([1, 2] if args.quick else [1, 8, 32])
+    """Sections 1-4 on the scripted episodes (5 with --ckpt): prepare, time, report."""
     repeats = max(1, args.repeats or (1 if args.quick else 5))
     script = QUICK if args.quick else Script()
     if args.think is not None:
@@ -260,7 +401,6 @@ def bench(args):
         script = replace(script, worker_think=max(0, args.worker_think))
     tok = P.Tokenizer.numbers()
     org, worker = scripts(tok, script)
-    capacity, force = script.workers + 1, forcer(org, worker)
     cfg = GPTConfig.preset("tiny" if args.quick else "small", tok.n_vocab)
     # a slot holds a prompt (< 64 tokens), every token (the sequential run's single thread decodes
     # them all) and the 64 free positions the executor keeps for a join result
@@ -272,114 +412,19 @@ def bench(args):
             raise ValueError(f"the script needs {need} positions per slot; the model has {cfg.block_size}")
     except ValueError as e:
         return cli.fail("bench.py", e)
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device).eval()
-    rows = tasks.make_puzzles("countdown", "small", n=max(counts), seed=0)
-    N = max(counts)
-    # (4) first, while the process's peak memory is still its current memory
-    linux_cpu = device == "cpu" and os.path.exists("/proc/self/statm")
-    mem = cache_memory(model, N * capacity, max_len) if linux_cpu else None
+    b = prepare(args, script, tok, cfg, max_len, device)
+    med = time_methods(b, repeats)
 
-    def executor(mode, n, record=False):
-        run_cfg = RunConfig(mode=mode, capacity=capacity if mode == "async" else 1,
-                            batch_episodes=n, max_len=max_len)
-        return (RecordingExecutor if record else Executor)(model, tok, run_cfg)
-
-    def check(episodes):
-        stops = {ep.stop_reason for ep in episodes}
-        assert stops == {ANSWERED}, f"a scripted episode did not end with its answer: {stops}"
-        return episodes
-
-    # Warm-up runs, which also record each size's threads and forward calls
-    setups = {}
-    for n in counts:
-        rec = executor("async", n, record=True)
-        threads = [th for ep in check(rec.run(rows[:n], force=force)) for th in ep.threads]
-        setups[n] = dict(ex=executor("async", n), threads=threads, steps=rec.clock, calls=rec.calls,
-                         bare=model.new_cache(rec.n_slots, max_len),
-                         tokens=sum(th.generated for th in threads))
-        replay_bare(model, rec.calls, setups[n]["bare"])
-        decode_alone(model, threads[:2], max_len, device)
-    first = [th for th in setups[counts[0]]["threads"] if th.episode.index == 0]
-    naive_tokens = sum(th.generated for th in first)
-    one, seq = executor("async", 1), executor("sequential", 1)
-    ep1 = check(one.run(rows[:1], force=force))[0]
-    total, path = sum(th.generated for th in ep1.threads), P.critical_path(trajectory(ep1, tok, one.cfg))
-    seq_force = forcer(text(total - 3) + [tok.answer, ord("7"), tok.answer_end], [])
-    check(seq.run(rows[:1], force=seq_force))
-
-    # Timed repeats, every method side by side in each; then the medians
-    times = {}
-    bar = tqdm(total=repeats * (len(counts) + 1), desc="bench", unit="run", file=sys.stderr)
-    for _ in range(repeats):
-        for n in counts:
-            st = setups[n]
-            for key, fn in [("executor", lambda: st["ex"].run(rows[:n], force=force)),
-                            ("bare", lambda: replay_bare(model, st["calls"], st["bare"])),
-                            ("alone", lambda: decode_alone(model, st["threads"], max_len, device))]:
-                times.setdefault((key, n), []).append(timed(fn, device))
-            bar.update()
-        for key, fn in [("naive", lambda: decode_naive(model, first, device)),
-                        ("async1", lambda: one.run(rows[:1], force=force)),
-                        ("seq1", lambda: seq.run(rows[:1], force=seq_force))]:
-            times.setdefault(key, []).append(timed(fn, device))
-        bar.update()
-    bar.close()
-    med = {key: statistics.median(ts) for key, ts in times.items()}
-
-    c = model.config
+    c = b.model.config
     print(f"bench.py: model {'tiny' if args.quick else 'small'} ({c.n_layer} layers, "
-          f"n_embd {c.n_embd}, {model.num_params() / 1e6:.2f}M params, random weights), device "
+          f"n_embd {c.n_embd}, {b.model.num_params() / 1e6:.2f}M params, random weights), device "
           f"{device}, torch threads {torch.get_num_threads()}, median of {repeats} repeat(s)")
     print(f"script per episode: organizer {len(org)} tokens, {script.workers} workers x "
-          f"{len(worker)} tokens (pool capacity {capacity}, slots of {max_len} tokens)")
-
-    print("\n## 1. Throughput: batched executor vs per-thread loop vs naive (generated tokens/s)\n")
-    tps = {(key, n): setups[n]["tokens"] / med[(key, n)] for key in ("executor", "alone") for n in counts}
-    naive = naive_tokens / med["naive"]
-    table(["episodes", "tokens", "executor tok/s", "per-thread loop tok/s", "naive tok/s",
-           "executor / loop", "executor / naive"],
-          [[str(n), str(setups[n]["tokens"]), f"{tps['executor', n]:.0f}", f"{tps['alone', n]:.0f}",
-            f"{naive:.0f}", f"{tps['executor', n] / tps['alone', n]:.2f}x",
-            f"{tps['executor', n] / naive:.1f}x"] for n in counts])
-    vs_loop, vs_naive = tps["executor", N] / tps["alone", N], tps["executor", N] / naive
-    print(f"\nnaive: timed on the {len(first)} threads of one episode only ({naive_tokens} tokens); it "
-          "decodes one thread at a time, so its tokens/s does not depend on the episode count.")
-    print(f"target >= 5x the per-thread loop at {N} episodes: {vs_loop:.2f}x, {verdict(vs_loop >= 5)}; "
-          f">= 20x naive: {vs_naive:.1f}x, {verdict(vs_naive >= 20)}")
-
-    print("\n## 2. Bookkeeping: executor step vs bare batched forward_cached of the same rows\n")
-    lines = []
-    for n in counts:
-        st = setups[n]
-        decode_rows = sum(len(slots) for slots, _, idx, _ in st["calls"] if idx.size(1) == 1)
-        ex_ms, bare_ms = (1e3 * med[(key, n)] / st["steps"] for key in ("executor", "bare"))
-        lines.append([str(n), str(st["steps"]), str(len(st["calls"])), f"{decode_rows / st['steps']:.1f}",
-                      f"{ex_ms:.2f}", f"{bare_ms:.2f}", f"{100 * (ex_ms / bare_ms - 1):+.0f}%"])
-    table(["episodes", "steps", "forward calls", "decode rows per step", "executor ms/step",
-           "bare forward ms/step", "overhead"], lines)
-    over = med[("executor", N)] / med[("bare", N)] - 1
-    print(f"\ntarget overhead <= 25% at {N} episodes: {100 * over:+.0f}%, {verdict(over <= 0.25)}")
-
-    print("\n## 3. Async vs sequential: one episode, measured vs critical-path speedup\n")
-    predicted, measured = total / path, med["seq1"] / med["async1"]
-    off = max(measured / predicted, predicted / measured)
-    table(["tokens", "critical path", "predicted speedup", "async s", "sequential s",
-           "measured speedup", "predicted / measured"],
-          [[str(total), str(path), f"{predicted:.2f}x", f"{med['async1']:.3f}", f"{med['seq1']:.3f}",
-            f"{measured:.2f}x", f"{predicted / measured:.2f}"]])
-    print(f"\ntarget measured speedup within 1.3x of predicted: off by {off:.2f}x, {verdict(off <= 1.3)}")
-
-    print("\n## 4. KV cache memory: cache.nbytes() vs 2 * n_layer * n_slots * max_len * n_embd * 4\n")
-    if mem is None:
-        print(f"(resident memory is measured on Linux and cpu only, not on {device})")
-        return 0
-    table(["slots x max_len", "cache.nbytes()", "formula", "RSS growth after allocation",
-           "after writing every element", "peak RSS growth"],
-          [[f"{N * capacity} x {max_len}", mib(mem["nbytes"]), mib(mem["formula"]), mib(mem["alloc"]),
-            mib(mem["touched"]), mib(mem["peak"])]])
-    print("\nRSS: /proc/self/statm before and after (tracemalloc does not see torch's allocator); "
-          "torch.zeros writes every page, so the cache is resident as soon as it is allocated.")
+          f"{len(worker)} tokens (pool capacity {script.workers + 1}, slots of {max_len} tokens)")
+    section_throughput(b, med)
+    section_bookkeeping(b, med)
+    section_speedup(b, med)
+    section_memory(b, script.workers + 1, max_len)
     return bench_real(args, device, repeats) if args.ckpt else 0
 
 

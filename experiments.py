@@ -306,15 +306,10 @@ def discussion(res, asy, best_seq, best_par):
     return lines
 
 
-def write_report(report, out, res, command, seconds):
-    """RESULTS.md from the measured rows (every number below comes from `res`)."""
+def report_header(res, command, seconds, asy, best_seq, best_par):
+    """RESULTS.md's opening: how it was measured, then the headline verdicts."""
     budget = BUDGETS[res["budget"]]
-    main_rows, ablation_rows = res["main"], res["ablations"]
-    by = {r["name"]: r for r in main_rows + ablation_rows + res["sudoku"] + res["capacity"]}
-    best_seq, best_par = most_accurate(main_rows, "sequential"), most_accurate(main_rows, "parallel")
-    asy = by["AsyncThink"]
-    pic = lambda name: os.path.join(os.path.relpath(out, os.path.dirname(os.path.abspath(report))), name)
-    lines = [
+    return [
         "# RESULTS: the paper's experiment in miniature",
         "",
         f"Written by `{command}` — do not edit by hand; rerun the command.",
@@ -341,6 +336,17 @@ def write_report(report, out, res, command, seconds):
         f"- {verdict(asy['ge1'], [best_seq['ge1'], best_par['ge1']], 'AsyncThink most accurate (≥1 correct, %; the paper reports it too)', n=res['n_test'])}",
         f"- {verdict(asy['latency'], [best_seq['latency'], best_par['latency']], 'AsyncThink lowest latency (steps)', higher=False)}",
         "",
+    ]
+
+
+def write_report(report, out, res, command, seconds):
+    """RESULTS.md from the measured rows (every number below comes from `res`)."""
+    budget = BUDGETS[res["budget"]]
+    main_rows, ablation_rows = res["main"], res["ablations"]
+    best_seq, best_par = most_accurate(main_rows, "sequential"), most_accurate(main_rows, "parallel")
+    asy = next(r for r in main_rows if r["name"] == "AsyncThink")
+    pic = lambda name: os.path.join(os.path.relpath(out, os.path.dirname(os.path.abspath(report))), name)
+    lines = report_header(res, command, seconds, asy, best_seq, best_par) + [
         "## 1. Countdown: thinking modes (paper: ≥1 / ≥2 / ≥3 / all)",
         "",
         table(main_rows),
