@@ -42,6 +42,7 @@ import protocol as P
 import tasks
 import traces
 from model import GPT, GPTConfig, init_number_embeddings, load_checkpoint, pack, save_checkpoint
+from muon import MuonAdamW
 
 
 @dataclass
@@ -69,6 +70,8 @@ class TrainConfig:
     sft_episodes: int = 2           # traces per step: many small steps beat few large ones
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
+    muon_lr: float = 0.0            # SFT: Muon for the blocks' matrices at this peak lr (muon.py,
+                                    # e.g. 0.02); 0: AdamW for all
     min_lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.1
@@ -177,12 +180,20 @@ def setup_distributed(cfg):
     return rank, world, device
 
 
-def make_optimizer(model, lr, weight_decay):
-    """AdamW; weight decay on matrices only (not biases, LayerNorms)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+def make_optimizer(model, lr, weight_decay, muon_lr=0.0):
+    """AdamW; weight decay on matrices only (not biases, LayerNorms). With muon_lr > 0 (SFT), the
+    blocks' matrices go to Muon instead (muon.py), at muon_lr where AdamW is at lr: each group's
+    lr_scale is what the schedule multiplies (train_sft)."""
+    muon_ids = {id(p) for n, p in model.named_parameters()
+                if muon_lr and n.startswith("transformer.h.") and p.dim() == 2}
+    rest = [p for p in model.parameters() if id(p) not in muon_ids]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    if not muon_ids:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    matrices = [p for p in model.parameters() if id(p) in muon_ids]
+    groups.append({"params": matrices, "muon": True, "lr_scale": muon_lr / lr})
+    return MuonAdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
 def rng_state(rng):
@@ -349,12 +360,15 @@ def build_model(cfg, tok, device, resume_from=None):
     return model.to(device), None
 
 
-def check_compatible(ckpt, cfg, path):
-    """A checkpoint from another preset/model refuses to resume, with one line."""
+def check_compatible(ckpt, cfg, path, sft=False):
+    """A checkpoint from another preset/model (or for SFT, another optimizer) refuses to resume,
+    with one line."""
     old = ckpt.get("train_config", {})
     for key in ("model", "mode", "task", "puzzles"):
         if key in old and old[key] != getattr(cfg, key):
             raise ValueError(f"{path} was trained with {key}={old[key]!r}, this run has {getattr(cfg, key)!r}")
+    if sft and bool(old.get("muon_lr", 0)) != bool(cfg.muon_lr):  # Muon's state is not AdamW's
+        raise ValueError(f"{path} was trained with muon_lr={old.get('muon_lr', 0)}, this run has {cfg.muon_lr}")
 
 
 def resume_from(ckpt, optimizer, rng, path, stage, rank):
@@ -419,10 +433,10 @@ def train_sft(cfg, rank, world, device, log):
     path = os.path.join(cfg.run_dir, "sft.pt")
     resume = path if cfg.resume and os.path.exists(path) else None
     model, ckpt = build_model(cfg, tok, device, resume)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.muon_lr)
     rng = random.Random(cfg.seed * 1009 + rank)  # each rank draws its own puzzles: a data shard
     if ckpt is not None:
-        check_compatible(ckpt, cfg, path)
+        check_compatible(ckpt, cfg, path, sft=True)
     start = resume_from(ckpt, optimizer, rng, path, "SFT", rank)
     if not cfg.sft_steps and ckpt is not None:  # a resumed timed run keeps the steps it planned
         cfg = replace(cfg, sft_steps=ckpt.get("train_config", {}).get("sft_steps", 0))
@@ -436,7 +450,7 @@ def train_sft(cfg, rank, world, device, log):
         t0 = time.perf_counter()
         stop = cfg.stop_at or cfg.sft_steps  # cfg.sft_steps is 0 while a timed run times its steps:
         for g in optimizer.param_groups:     # those are in the warmup, where the total is not used
-            g["lr"] = lr_at(step, cfg, cfg.sft_steps or 10 ** 9)
+            g["lr"] = lr_at(step, cfg, cfg.sft_steps or 10 ** 9) * g.get("lr_scale", 1.0)
         batches = micro_batches(sft_sequences(cfg, tok, rng, cfg.sft_episodes, model.config.block_size),
                                 cfg.micro_tokens, tok.pad)
         try:
@@ -681,7 +695,7 @@ def parse_args(argv=None):
                  "inner_updates", "eval_n", "ckpt_every", "organizer_weight"):
         if getattr(cfg, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam"):
+    for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam", "muon_lr"):
         if getattr(cfg, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.hint_share <= 1:

@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LAYERS = [
     {"cli"},  # no project imports
-    {"protocol", "tasks", "model"},
+    {"protocol", "tasks", "model", "muon"},
     {"traces", "compare"},
     {"executor"},
     {"asyncthink"},

@@ -77,6 +77,8 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     (other / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
     r = run("--stage", "sft", *TINY, "--run-dir", str(other), "--model", "small", "--resume")
     assert r.returncode == 2 and "model='tiny'" in r.stderr and "Traceback" not in r.stderr
+    r = run("--stage", "sft", *TINY, "--run-dir", str(other), "--muon-lr", "0.02", "--resume")  # AdamW's state
+    assert r.returncode == 2 and "muon_lr=0.0, this run has 0.02" in r.stderr and "Traceback" not in r.stderr
     (other / "sft.pt").write_bytes(b"not a checkpoint at all")
     r = run("--stage", "sft", *TINY, "--run-dir", str(other), "--resume")
     assert r.returncode == 2 and "not a readable checkpoint" in r.stderr
@@ -95,6 +97,7 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--credit", "organizer", "--credit must be shared or thread"),
     ("--advantage", "best", "--advantage zscore, mean or rft"),
     ("--organizer-weight", "0", "--organizer-weight must be positive"),
+    ("--muon-lr", "-0.1", "--muon-lr must be >= 0"),
 ])
 def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
