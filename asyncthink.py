@@ -256,7 +256,7 @@ def main(argv=None):
     s.add_argument("--show", type=int, default=0, help="print the timeline of the first N episodes")
     add_run_flags(s)
     i = sub.add_parser("init", help="write a randomly initialised checkpoint (to try the executor)")
-    i.add_argument("--preset", default="small")
+    i.add_argument("--preset", default="small", help="model size (model.PRESETS)")
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)

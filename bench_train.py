@@ -1,5 +1,5 @@
 """
-Training speed: `python bench_train.py [--steps N] [--preset small]`.
+Training speed: `python bench_train.py [--steps N] [--preset cpu]`.
 
 1. SFT tokens/s of train.py's step (fresh traces generated every step, as train.py does) vs a
    bare nanoGPT-style loop (forward, backward, clip, AdamW step; batches made beforehand, no
@@ -12,7 +12,7 @@ Training speed: `python bench_train.py [--steps N] [--preset small]`.
    against a measured peak: the best GFLOP/s of a large matmul on this machine, in the dtype
    the step computes in (float32, or bfloat16 under --dtype bfloat16 on CUDA).
 
-On one GPU, the gpu preset as train.py runs it (bf16 autocast, compiled forward; all three
+On one GPU, the gpu recipe as train.py runs it (bf16 autocast, compiled forward; all three
 loops get the same autocast and compile, so the ratios stay like for like):
 
     python bench_train.py --preset gpu --device cuda --compile --steps 30
@@ -104,7 +104,7 @@ def bare_step(fwd, model, opt, batches, device="cpu", autocast=nullcontext()):
 
 def main(argv=None):
     ap = cli.ArgumentParser(description=__doc__.split("\n\n")[1])
-    ap.add_argument("--preset", default="small", choices=sorted(train.PRESETS))
+    ap.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--episodes", type=int, default=None, help="traces per step (default: the preset's)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")

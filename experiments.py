@@ -3,7 +3,7 @@ The paper's experiment in miniature: sequential vs parallel vs AsyncThink, the a
 Sudoku, and a capacity sweep. One command trains every model, evaluates them all on the same
 fresh test puzzles, and writes RESULTS.md with its tables and plots (nothing typed by hand).
 
-    python experiments.py                      # CPU default (small preset), about 2 hours
+    python experiments.py                      # CPU default (the cpu recipe), about 2 hours
     python experiments.py --budget quick       # minutes, tiny models: a smoke test of the pipeline
     python experiments.py --budget gpu --device cuda
     python experiments.py --rewrite-report     # RESULTS.md again from results/results.json, in seconds
@@ -41,12 +41,12 @@ import protocol as P
 import tasks
 import train
 
-# Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "small" is
+# Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "cpu" is
 # train.py's CPU recipe (no drills) with 1550 SFT steps instead of its 2000 and 8 RL steps, so the
 # whole CPU run fits in ~2 hours on 2 cores: the parallel model's SFT is the long pole (its traces
 # carry ~2.7x the tokens per step; 2000 steps would take ~90 of the 120 minutes on one core).
 BUDGETS = {
-    "small": dict(preset="small", sft_steps=1550, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
+    "cpu": dict(preset="cpu", sft_steps=1550, rl_steps=8, sudoku_sft_steps=500, sudoku_rl_steps=4,
                   copy_drills=0, n_test=48, token_budgets=(450, 900), sweep_forks=8),
     "quick": dict(preset="tiny", sft_steps=20, rl_steps=2, sudoku_sft_steps=10, sudoku_rl_steps=1,
                   copy_drills=0, n_test=8, token_budgets=(24, 48), sweep_forks=3),
@@ -314,7 +314,7 @@ def report_header(res, command, seconds, asy, best_seq, best_par):
         "",
         f"Written by `{command}` — do not edit by hand; rerun the command.",
         "",
-        f"- budget `{res['budget']}`: model preset `{budget['preset']}`, SFT {budget['sft_steps']} steps and "
+        f"- budget `{res['budget']}`: train.py recipe `--preset {budget['preset']}`, SFT {budget['sft_steps']} steps and "
         f"RL {budget['rl_steps']} steps per countdown model (Sudoku: {budget['sudoku_sft_steps']} / "
         f"{budget['sudoku_rl_steps']}), one training seed ({res['seed']}); "
         f"{res['n_test']} fresh test-split puzzles per row, the same puzzles for every model",
@@ -403,7 +403,7 @@ def write_report(report, out, res, command, seconds):
 
 def command_line(budget):
     """The command that reproduces a report, as RESULTS.md states it."""
-    return "python experiments.py" + (f" --budget {budget}" if budget != "small" else "")
+    return "python experiments.py" + (f" --budget {budget}" if budget != "cpu" else "")
 
 
 def rewrite_report(args):
@@ -486,7 +486,7 @@ def evaluate_all(budget, ckpt, cfg, seed, device):
 
 def main(argv=None):
     ap = cli.ArgumentParser(description="The paper's experiment in miniature; writes RESULTS.md.")
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
     ap.add_argument("--out", default="results", help="run folders, plots and results.json")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     ap.add_argument("--seed", type=int, default=0, help="training seed; the test puzzles use it too")

@@ -3,7 +3,7 @@ A GPT-2-shaped decoder-only transformer, plus the KV cache an AsyncThink executo
 drives to decode many threads (organizer and workers) in one batch.
 
 Read top to bottom:
-  1. GPTConfig and the named presets (tiny / small / gpu).
+  1. GPTConfig and the named sizes (tiny / small / medium).
   2. Packed rows (pack, packed_positions): several training sequences in one row.
   3. The model: attention, MLP, block, GPT. Pre-LayerNorm blocks, learned
      position embeddings, input and output embeddings tied, GELU (tanh form,
@@ -52,19 +52,19 @@ class GPTConfig:
 
 
 # Parameter counts with vocab_size=300 (embeddings included, tied weights counted once):
-#   tiny ~0.04M (unit tests), small ~0.8M (CPU default), gpu ~25M (one GPU).
+#   tiny ~0.04M (unit tests), small ~0.8M (the cpu recipe), medium ~25M (the gpu recipe).
 # small is sized for a 15-minute CPU budget, where the model sees only a few million tokens:
 # at equal wall time n_embd 128 (1.6x the steps) beat 192 (SFT loss 0.088 vs 0.140, distance
 # arithmetic 82% vs 63% right; BENCHMARKS.md). A bigger model needs a bigger budget.
 # small also has smear (GPT.embed): at 3,500 steps it gained 36 and 13 points of >=1 on two seeds
-# (paired, 500 puzzles; BENCHMARKS.md) for one 128 x 128 matrix. gpu is not measured with it yet.
+# (paired, 500 puzzles; BENCHMARKS.md) for one 128 x 128 matrix. medium is not measured with it yet.
 # The trained presets use rotary positions: AsyncThink threads copy numbers from their prompt
 # and from joined results, and copying needs "look k tokens back" heads, which rotary gives
 # for free and a learned table must learn at every position (measured in BENCHMARKS.md).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
     "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, rope=True, smear=True),
-    "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048, rope=True),
+    "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048, rope=True),
 }
 
 

@@ -48,12 +48,12 @@ from muon import MuonAdamW
 @dataclass
 class TrainConfig:
     stage: str = "sft"              # sft | rl
-    preset: str = "small"           # see PRESETS: sizes and budgets in one place
+    preset: str = "cpu"             # a recipe from PRESETS: model, puzzles and budgets in one place
     mode: str = "async"             # thinking mode of the traces and rollouts
     task: str = "countdown"         # countdown | sudoku | mix
     run_dir: str = ""               # default runs/<task>-<mode>
-    model: str = "small"            # model preset (model.py)
-    puzzles: str = "small"          # countdown preset (tasks.py)
+    model: str = "small"            # model size (model.PRESETS)
+    puzzles: str = "small"          # countdown size (tasks.COUNTDOWN_PRESETS)
     capacity: int = 4
     seed: int = 0
     device: str = "auto"
@@ -113,9 +113,9 @@ class TrainConfig:
 
 PRESETS = {
     # the CPU default: a ~1M-parameter model on small countdown; SFT <= 15 min, RL <= 20 min
-    "small": dict(model="small", puzzles="small"),
+    "cpu": dict(model="small", puzzles="small"),
     # one GPU: a ~25M model on medium countdown (8 numbers to 25, targets to 99), bf16
-    "gpu": dict(model="gpu", puzzles="medium", sft_steps=3000, sft_episodes=32, micro_tokens=32768,
+    "gpu": dict(model="medium", puzzles="medium", sft_steps=3000, sft_episodes=32, micro_tokens=32768,
                 lr=6e-4, min_lr=6e-5, rl_steps=200, questions=32, group=8, dtype="bfloat16",
                 eval_n=128, max_organizer_tokens=1800, max_worker_tokens=600),
     # tests: seconds on a CPU
@@ -663,7 +663,7 @@ def parse_args(argv=None):
     ap = cli.ArgumentParser(description="Train AsyncThink: --stage sft, then --stage rl.")
     d = TrainConfig()
     ap.add_argument("--stage", choices=["sft", "rl"], default="sft")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--mode", choices=E.MODES, default=d.mode)
     ap.add_argument("--task", choices=["countdown", "sudoku", "mix"], default=d.task)
     ap.add_argument("--run-dir", default="")

@@ -415,7 +415,7 @@ EXECUTOR = [
     """),
     md("""
     Memory, by hand: 2 tensors (k and v) × `n_layer` × `n_slots` × `max_len` × `n_embd` × 4 bytes
-    (float32) = 2 × 2 × 3 × 64 × 32 × 4 = **98,304 bytes**. The `small` preset with 64 slots of 1024
+    (float32) = 2 × 2 × 3 × 64 × 32 × 4 = **98,304 bytes**. The `small` model with 64 slots of 1024
     tokens needs 2 × 4 × 64 × 1024 × 128 × 4 bytes = 256 MiB: the cache, not the 1M-parameter
     model, fills the memory.
     """),
@@ -718,7 +718,7 @@ EXECUTOR = [
 
     ## Exercises
 
-    1. **Memory.** How many bytes does the cache of the `small` preset take for `batch_episodes=32`,
+    1. **Memory.** How many bytes does the cache of the `small` model take for `batch_episodes=32`,
        `capacity=4` and slots of 1024 tokens? Compute it by hand, then check with
        `GPT(GPTConfig.preset("small", tok.n_vocab)).new_cache(...).nbytes()`.
     2. **Queueing.** Rerun the scripted episode with `E.RunConfig(..., n_slots=2)`. Worker 2 must wait
@@ -844,7 +844,7 @@ TRAINING = [
     md("""
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
     line of arithmetic) and then slowly. A model of this size needs thousands of steps to get the
-    numbers right: the default `small` preset (1M parameters, `python train.py --stage sft`, which
+    numbers right: the default `cpu` recipe (the 1M-parameter `small` model, `python train.py --stage sft`, which
     fills a 12-minute budget: ~2,900 steps on a 2-core box) writes valid trajectories in ~92% of
     episodes and finds at least one correct expression in about half of them (500 test puzzles),
     but all four in under 1%: the workers often find all four between them, and the organizer
@@ -1054,7 +1054,7 @@ TRAINING = [
     and η still move, because they describe where the broken episodes stopped.
 
     RL starts to work once SFT makes valid trajectories common enough for some rollouts of a group to
-    beat the others. At the `small` preset (`python train.py --stage sft`, then `--stage rl`),
+    beat the others. With the default `cpu` recipe (`python train.py --stage sft`, then `--stage rl`),
     `BENCHMARKS.md` records the format-error rate falling from 84% to 66% over the first three RL
     steps: the format penalty is the first thing RL can use.
 

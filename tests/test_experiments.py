@@ -68,10 +68,10 @@ def test_rewrite_report_refuses_a_folder_without_results(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "R.md").exists()
 
 
-@pytest.mark.parametrize("budget", ["small", "gpu"])
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
 def test_every_budget_writes_train_commands_that_train_py_accepts(budget, tmp_path):
     """The gpu budget cannot run here, but each of its train.py command lines must parse, with the
-    gpu preset's model, puzzles and dtype (a typo in a flag would only show on the GPU)."""
+    gpu recipe's model, puzzles and dtype (a typo in a flag would only show on the GPU)."""
     import experiments
     import train
     b = experiments.BUDGETS[budget]
@@ -83,4 +83,4 @@ def test_every_budget_writes_train_commands_that_train_py_accepts(budget, tmp_pa
         cfg = train.parse_args(argv)
         assert cfg.device == "cuda" and cfg.model == train.PRESETS[b["preset"]]["model"]
     if budget == "gpu":
-        assert (cfg.model, cfg.puzzles, cfg.dtype) == ("gpu", "medium", "bfloat16")
+        assert (cfg.model, cfg.puzzles, cfg.dtype) == ("medium", "medium", "bfloat16")

@@ -248,7 +248,7 @@ def test_presets():
     with torch.device("meta"):  # shapes only, no memory or init time
         counts = {name: GPT(GPTConfig.preset(name, vocab_size=300)).num_params() for name in PRESETS}
     assert 500_000 <= counts["small"] <= 3_000_000, counts
-    assert counts["tiny"] < counts["small"] < counts["gpu"]
+    assert counts["tiny"] < counts["small"] < counts["medium"]
     with pytest.raises(ValueError, match="tiny"):
         GPTConfig.preset("huge", vocab_size=300)
 
