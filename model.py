@@ -68,18 +68,27 @@ PRESETS = {
 }
 
 
-def rotary(x, pos, base=10000.0):
+def rotary_angles(n_pos, head_dim, base=10000.0):
+    """(cos, sin), each (n_pos, hd/2): the rotation angles pos * base**(-2i/hd) of every position
+    pos < n_pos and channel pair i, computed once per model (CausalSelfAttention keeps them and
+    looks its positions up: recomputing them in every layer was a tenth of a decode step)."""
+    half = head_dim // 2
+    freqs = base ** (-torch.arange(half, dtype=torch.float32) / half)  # (hd/2,)
+    angles = torch.arange(n_pos, dtype=torch.float32)[:, None] * freqs  # (n_pos, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def rotary(x, cos, sin):
     """Rotate queries or keys by their positions (RoPE, Su et al. 2021).
 
-    x (B, T, nh, hd), pos (B, T) or (T,). Channel pairs (i, i + hd/2) turn by the angle
-    pos * base**(-2i/hd). A query at position p and a key at position s then meet in the dot
-    product only through p - s: attention sees relative positions, whatever p is. Keys are
-    rotated before they go into the KV cache, so cached decoding needs nothing more.
+    x (B, T, nh, hd); cos, sin (B, T, hd/2) or (T, hd/2): rotary_angles at x's positions. Channel
+    pairs (i, i + hd/2) turn by the angle pos * base**(-2i/hd). A query at position p and a key at
+    position s then meet in the dot product only through p - s: attention sees relative
+    positions, whatever p is. Keys are rotated before they go into the KV cache, so cached
+    decoding needs nothing more.
     """
     half = x.size(-1) // 2
-    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)  # (hd/2,)
-    angles = pos.to(torch.float32)[..., None] * freqs  # (B, T, hd/2) or (T, hd/2)
-    cos, sin = angles.cos()[..., None, :], angles.sin()[..., None, :]  # broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over heads
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -168,16 +177,20 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.rope = config.rope
+        if config.rope:  # not saved in checkpoints: rebuilt from the config
+            cos, sin = rotary_angles(config.block_size, config.n_embd // config.n_head)
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
 
     def qkv(self, x, pos):
         """Queries, keys, values, each (B, T, nh, hd); pos (B, T) or (T,) for rotary."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        shape = (B, T, self.n_head, C // self.n_head)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        if self.rope:
-            q, k = rotary(q, pos), rotary(k, pos)
-        return q, k, v
+        nh, hd = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)  # (B, T, 3C): queries, keys, values side by side
+        qk, v = qkv[..., :2 * C].view(B, T, 2 * nh, hd), qkv[..., 2 * C:].view(B, T, nh, hd)
+        if self.rope:  # queries and keys in one rotation
+            qk = rotary(qk, self.cos[pos], self.sin[pos])
+        return qk[:, :, :nh], qk[:, :, nh:], v
 
     def forward(self, x, pos, mask=None):
         """x (B, T, C); pos (T,) or (B, T); mask (B, 1, T, T) True where a query may look at a
