@@ -325,11 +325,13 @@ class Executor:
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
             ids = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=self.gen)[:, 0]
         ids = ids.tolist()
-        for b, th in enumerate(threads):
-            forced = self.force(th.episode, th) if self.force else None
-            t = ids[b] if forced is None else int(forced)
+        if self.force:  # scripted tokens (bench.py, tests) replace the sampled ones
+            forced = [self.force(th.episode, th) for th in threads]
+            ids = [t if f is None else int(f) for t, f in zip(ids, forced)]
+        chosen = logprobs[torch.arange(len(ids)), torch.tensor(ids)].tolist()  # one gather, not B
+        for th, t, logprob in zip(threads, ids, chosen):
             if not th.episode.done:
-                self.advance(th, t, float(logprobs[b, t]))
+                self.advance(th, t, logprob)
 
     def advance(self, th, t, logprob):
         """The state machine: one decoded token t of thread th."""
