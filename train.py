@@ -70,8 +70,8 @@ class TrainConfig:
     sft_episodes: int = 2           # traces per step: many small steps beat few large ones
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
-    muon_lr: float = 0.0            # SFT: Muon for the blocks' matrices at this peak lr (muon.py,
-                                    # e.g. 0.02); 0: AdamW for all
+    muon_lr: float = 0.02           # SFT: Muon for the blocks' matrices at this peak lr (muon.py);
+                                    # 0: AdamW for all (+14 >=1, +21 >=2 at equal steps: BENCHMARKS)
     min_lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.1
