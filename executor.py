@@ -199,7 +199,7 @@ class Executor:
 
     def start(self, rows, force=None):
         """Reset the cache and the run's state: every row becomes a pending episode."""
-        # a row may carry a structure hint: {"plan": "F1 F2 J1 ..."} (see protocol.organizer_prompt)
+        # a row may carry a plan: {"plan": "F1 F2 J1 ..."} (see protocol.organizer_prompt)
         prompt = lambda row: self.tok.encode(P.organizer_prompt(P.question_text(row), row.get("plan")))
         self.pending = [Episode(i, row, prompt(row)) for i, row in enumerate(rows)][::-1]  # pop() takes the first
         self.active, self.finished = [], []  # episodes in flight; episodes ended

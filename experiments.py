@@ -367,7 +367,7 @@ def write_report(report, out, res, command, seconds):
         "## 4. Capacity sweep (async model, inference only)",
         "",
         f"The model was trained at c = 4 and its prompt does not say c. Each row gives it a plan in "
-        f"its prompt (the structure hints SFT taught it to follow): the sliding window over "
+        f"its prompt (the plans SFT taught it to follow): the sliding window over "
         f"{budget['sweep_forks']} forks that keeps c−1 workers busy. Plans with more than 3 workers "
         f"at once never occurred in training (SFT plans respect c = 4).",
         "",
@@ -474,11 +474,11 @@ def evaluate_all(budget, ckpt, cfg, seed, device):
                       worker_tokens=org if m == "parallel" else wrk)[0] for m in E.MODES]
     sudoku_rows.append(ev("countdown async, zero-shot", ckpt["async"], sudoku, "async", "sudoku async")[0])
     # The model was trained at c = 4 and its prompt does not say c, so at inference each c comes
-    # with a plan (a structure hint, which SFT taught it to follow): the sliding window that
+    # with a plan (which SFT taught it to follow): the sliding window that
     # keeps c-1 workers busy, over a fixed number of forks.
     capacity_rows = []
     for c in CAPACITIES:
-        plan = " ".join(P.window_structure(budget["sweep_forks"], c))
+        plan = " ".join(P.window_plan(budget["sweep_forks"], c))
         rows = [{**row, "plan": plan} for row in countdown]
         capacity_rows.append(ev(f"AsyncThink c={c}, plan", ckpt["async"], rows, "async", capacity=c)[0])
     return dict(main=main_rows, ablations=ablations, sudoku=sudoku_rows, capacity=capacity_rows), async_records

@@ -41,7 +41,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's value
     rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
     tie_embeddings: bool = True  # lm_head reuses the token embedding matrix, as GPT-2 does
-    smear: bool = False  # each token's input also carries the token before it (see GPT.embed)
+    smear: int = 0  # each token's input also carries the 1 (or 2) tokens before it (GPT.embed)
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -272,7 +272,8 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # smear: a learned map of the previous token's embedding, added to each token's input
-        self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear else None
+        self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 1 else None
+        self.smear2 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 2 else None
         # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
         # was tried against the small model's "reads out a neighbour of the right number" errors
         # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
@@ -285,8 +286,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if self.smear is not None:
-            nn.init.zeros_(self.smear.weight)  # starts as the plain GPT; training opens it
+        for smear in (self.smear, self.smear2):
+            if smear is not None:
+                nn.init.zeros_(smear.weight)  # starts as the plain GPT; training opens it
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -297,18 +299,22 @@ class GPT(nn.Module):
     def embed(self, idx, prev, pos):
         """The input of the first block: idx (B, T) -> (B, T, C).
 
-        With config.smear, token t's input is wte[t] + W wte[prev] (prev (B, T): the token before
-        it; pos (B, T) or (T,): its position, 0 where a sequence starts and there is none). Why:
+        With config.smear, token t's input is wte[t] + W wte[prev] (prev (B, T, S): the S tokens
+        before it, the nearest first; pos (B, T) or (T,): its position, 0 where a sequence starts
+        and there is none). With smear 2 it also gets W2 wte[the token two back]. Why:
         copying is "find the earlier X, write what came after it". A plain transformer needs two
         layers for that (one head moves each token's predecessor into it, a second head matches
         the query against it: an induction head), and in our 15-minute runs that circuit forms
         late. With the predecessor already in every input, one head can match it at once
         (Olsson et al. 2022 call these "smeared keys"; modded-nanogpt's smear gate does the same).
+        One predecessor is ambiguous when a pair repeats: copying "8+7+2" beside "11+7+4", "+"
+        follows "7" in both; the two tokens before ("7", "+") tell them apart one step sooner.
         """
         x = self.transformer.wte(idx)
-        if self.smear is not None:
-            has_prev = (pos > 0).unsqueeze(-1).to(x.dtype)  # no predecessor at a sequence's start
-            x = x + self.smear(self.transformer.wte(prev)) * has_prev
+        for lag, smear in enumerate((self.smear, self.smear2), start=1):
+            if smear is not None:  # no such predecessor near a sequence's start
+                has_prev = (pos >= lag).unsqueeze(-1).to(x.dtype)
+                x = x + smear(self.transformer.wte(prev[..., lag - 1])) * has_prev
         if not self.config.rope:
             x = x + self.transformer.wpe(pos)
         return x
@@ -335,7 +341,8 @@ class GPT(nn.Module):
             pos, mask = torch.arange(T, device=idx.device), None  # (T,)
         else:
             pos, mask = packed_positions(segments)
-        prev = F.pad(idx[:, :-1], (1, 0))  # (B, T): the token before each (masked at pos 0)
+        S = max(1, int(self.config.smear))  # predecessors each input may carry
+        prev = torch.stack([F.pad(idx, (lag, 0))[:, :T] for lag in range(1, S + 1)], dim=-1)  # (B, T, S)
         x = self.transformer.drop(self.embed(idx, prev, pos))
         for block in self.transformer.h:
             x = block(x, pos, mask)
@@ -408,13 +415,16 @@ class GPT(nn.Module):
         mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
         pos, mask = pos.to(idx.device), mask.to(idx.device)
 
-        # the token before each new one: the slot's last token, then the new tokens themselves
-        prev = torch.cat([cache.last[slots][:, None], idx[:, :-1]], dim=1)  # (B, T)
+        # the tokens before each new one: the slot's last S tokens, then the new tokens themselves
+        S = cache.last.size(1)
+        history = torch.cat([cache.last[slots].flip(1), idx], dim=1)  # (B, S + T), oldest first
+        prev = torch.stack([history[:, S - lag:S - lag + T] for lag in range(1, S + 1)], dim=-1)  # (B, T, S)
         x = self.embed(idx, prev, pos)
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask, read, live)
         logits = self.lm_head(self.transformer.ln_f(x))
-        cache.last[slots[rows]] = idx[rows, n_new[rows] - 1]
+        ends = S + n_new[rows] - 1  # each writing row's last token in history
+        cache.last[slots[rows]] = torch.stack([history[rows, ends - j] for j in range(S)], dim=1)
         cache.lengths[slots] = start + n_new
         return logits
 
@@ -512,7 +522,8 @@ class KVCache:
     k, v: (n_layer, n_slots, n_head, max_len, head_dim), preallocated once (heads before
     positions: a slot's keys read back in the layout attention multiplies in).
     lengths: (n_slots,) long, how many positions of each slot are valid.
-    last: (n_slots,) long, each slot's last token (the next token's predecessor, for smear).
+    last: (n_slots, S) long, each slot's last S tokens, the latest first (the next token's
+    predecessors, for smear; S = max(1, config.smear)).
     A slot is one token sequence (one AsyncThink thread); slots are independent and
     each is at its own length. Positions at or beyond a slot's length hold stale data
     that attention never looks at.
@@ -529,7 +540,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.v = torch.zeros(shape, device=device, dtype=dtype or torch.float32)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self.last = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.last = torch.zeros(n_slots, max(1, int(config.smear)), dtype=torch.long, device=device)
         self.n_slots, self.max_len = n_slots, max_len
 
     def nbytes(self):

@@ -231,7 +231,7 @@ def question_text(row):
 
 
 def organizer_prompt(question, hint=None):
-    """The organizer's prompt; `hint` is an optional structure, e.g. 'F1 F2 J1 F3 J2 J3'."""
+    """The organizer's prompt; `hint` is an optional plan, e.g. 'F1 F2 J1 F3 J2 J3'."""
     return f"{ORGANIZER}{question}\n" + (f"plan {hint}\n" if hint else "")
 
 
@@ -239,11 +239,11 @@ def worker_prompt(sub_query):
     return f"{WORKER}{sub_query}\n"
 
 
-def sample_structure(rng: random.Random, n_forks, capacity):
+def sample_plan(rng: random.Random, n_forks, capacity):
     """A random valid organizer action sequence ("structure initialization" in the paper):
     n_forks forks, each joined later, never more than capacity-1 outstanding at once.
 
-    >>> sample_structure(random.Random(0), 3, 3)
+    >>> sample_plan(random.Random(0), 3, 3)
     ['F1', 'J1', 'F2', 'F3', 'J3', 'J2']
     """
     actions, outstanding, next_id = [], [], 1
@@ -257,11 +257,11 @@ def sample_structure(rng: random.Random, n_forks, capacity):
     return actions
 
 
-def window_structure(n_forks, capacity):
+def window_plan(n_forks, capacity):
     """The sliding window: keep capacity-1 workers busy, join the oldest first (the traces'
     default topology, written out as a plan).
 
-    >>> window_structure(4, 3)
+    >>> window_plan(4, 3)
     ['F1', 'F2', 'J1', 'F3', 'J2', 'F4', 'J3', 'J4']
     """
     actions, outstanding = [], []
@@ -538,6 +538,8 @@ def concurrency(traj: Trajectory):
     return busy / T
 
 
-def structure(traj: Trajectory):
-    """The organizer's action sequence, e.g. 'F1 F2 J1 J2' (the language of structure hints)."""
+def plan_of(traj: Trajectory):
+    """The organizer's plan, its action sequence, e.g. 'F1 F2 J1 J2' (the language of the plans
+    in prompts). A "plan" is this sequence; a "structure" (grpo.py, the paper's word) is one whole
+    rollout: an episode, the organizer and all its workers."""
     return " ".join(("F" if ev.kind == "fork" else "J") + str(ev.id) for ev in traj.organizer.events)

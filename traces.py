@@ -47,7 +47,7 @@ grid is full. Sequential does the same rows itself; parallel forks the whole puz
 (each solving it sequentially, rows in its own order) and answers the majority grid.
 
 Traces need not be optimal: the scan misses solutions (about 7% of small puzzles have fewer than
-k it can find) and hinted structures stop early, which leaves RL work to do.
+k it can find) and hinted plans stop early, which leaves RL work to do.
 """
 
 import random
@@ -253,9 +253,9 @@ def sequential_trace(row, text, answers):
     return Trace(row, "sequential", org, {}, answers)
 
 
-def run_structure(org: Organizer, n_tasks, capacity, actions=None, on_fork=None, on_join=None,
+def run_plan(org: Organizer, n_tasks, capacity, actions=None, on_fork=None, on_join=None,
                   done=lambda: False):
-    """Drive forks and joins: follow `actions` (a structure hint) if given, else keep up to
+    """Drive forks and joins: follow `actions` (a plan) if given, else keep up to
     capacity-1 workers busy (fork, fork, fork, join, fork, ...) until `done()` or out of tasks."""
     if actions is not None:
         for a in actions:
@@ -369,7 +369,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
         raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
     actions = None
     if rng.random() < hint_share:
-        actions = P.sample_structure(rng, rng.randint(2, min(8, len(pairs))), capacity)
+        actions = P.sample_plan(rng, rng.randint(2, min(8, len(pairs))), capacity)
     org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None))
     found = {}
 
@@ -385,7 +385,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
     def on_join(i):
         org.say(f" {tally(found, P.parse_answer(org.join(i), 'countdown'), k)}\n")
 
-    run_structure(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
+    run_plan(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
     org.answer(answers)
     return Trace(row, mode, org.pieces, org.workers, answers)
@@ -535,7 +535,7 @@ def main(argv=None):
     ap.add_argument("--capacity", type=int, default=4, help="pool capacity c (organizer included)")
     ap.add_argument("--n", type=int, default=200, help="puzzles to measure (stats)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a structure hint")
+    ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a plan in the prompt")
     args = ap.parse_args(argv)
     if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1:
         ap.error("need --capacity >= 2, --n > 0 and 0 <= --hint-share <= 1")

@@ -76,7 +76,7 @@ class TrainConfig:
     warmup: int = 50
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    hint_share: float = 0.5
+    hint_share: float = 0.5         # share of async traces that follow a random plan in the prompt
     organizer_weight: float = 1.0   # loss weight of the organizer's tokens (forks, tallies, answer)
     copy_drills: int = 0            # tally drills per countdown trace (traces.tally_drill): they
                                     # grow a copy head, but cost steps the budget lacks

@@ -136,7 +136,7 @@ PROTOCOL = [
     traj = P.parse_text(organizer, workers, tok, capacity=3, task="countdown")
     print("format errors:", traj.errors)
     print("answers:      ", traj.answers)
-    print("structure:    ", P.structure(traj))
+    print("structure:    ", P.plan_of(traj))
     print("events:       ", traj.organizer.events)
     print("sub-queries:  ", traj.organizer.sub_queries)
     print("decoded tokens: organizer", traj.organizer.generated,
@@ -272,7 +272,7 @@ PROTOCOL = [
     par_ids = tok.encode(par_text)
     parallel = P.parse(par_ids, {i: tok.encode(worker_text(i)) for i in lengths}, tok, capacity=4,
                        task="countdown", injected=[True] * len(par_ids))
-    print("errors", parallel.errors, "| structure", P.structure(parallel),
+    print("errors", parallel.errors, "| structure", P.plan_of(parallel),
           "| latency", P.critical_path(parallel), "| eta", round(P.concurrency(parallel), 3))
     assert P.critical_path(parallel) == 42 and abs(P.concurrency(parallel) - 97 / 42) < 1e-12
 

@@ -454,7 +454,7 @@ def perturbed_script(draw, capacity):
     seed, c = draw(st.integers(0, 2**16)), max(2, capacity)
     n_forks = 0 if capacity == 1 else draw(st.integers(0, tok.max_forks))
     organizer = []
-    for action in P.sample_structure(random.Random(seed), n_forks, c):
+    for action in P.sample_plan(random.Random(seed), n_forks, c):
         i = int(action[1:])
         organizer += draw(thought) + ([FORK[i]] + draw(texts) + [FORK_END[i]] if action[0] == "F"
                                       else [JOIN[i]])

@@ -14,13 +14,15 @@ V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear"])
+@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear", "rotary-smear2"])
 def model(request):
     torch.manual_seed(0)
+    smear = {"rotary-smear": 1, "rotary-smear2": 2}.get(request.param, 0)
     m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param != "learned-positions",
-                             smear=request.param == "rotary-smear"))
-    if m.smear is not None:  # it starts at zero (the plain GPT): open it, or the oracle proves nothing
-        torch.nn.init.normal_(m.smear.weight, std=0.5)
+                             smear=smear))
+    for w in (m.smear, m.smear2):  # they start at zero (the plain GPT): open them, or the oracle proves nothing
+        if w is not None:
+            torch.nn.init.normal_(w.weight, std=0.5)
     return m.eval()
 
 
@@ -33,9 +35,26 @@ def test_smear_adds_the_previous_tokens_embedding_through_its_map():
     torch.nn.init.normal_(m.smear.weight)
     wte, W = m.transformer.wte.weight, m.smear.weight
     idx, pos = torch.tensor([[3, 7, 9, 4]]), torch.tensor([[0, 1, 0, 1]])  # two segments of two
-    prev = torch.tensor([[0, 3, 7, 9]])
+    prev = torch.tensor([[0, 3, 7, 9]])[..., None]  # (B, T, 1)
     x = m.embed(idx, prev, pos)[0]
     expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9], wte[4] + W @ wte[9]])
+    torch.testing.assert_close(x, expected)
+
+
+def test_smear2_adds_the_two_previous_tokens_through_their_maps():
+    """Oracle by hand: input t = wte[x_t] + W wte[x_{t-1}] + W2 wte[x_{t-2}], each term only where
+    that predecessor exists in the sequence; and the full forward builds the same predecessors."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, smear=2, rope=True))
+    assert m.smear2.weight.abs().sum() == 0
+    torch.nn.init.normal_(m.smear.weight)
+    torch.nn.init.normal_(m.smear2.weight)
+    wte, W, W2 = m.transformer.wte.weight, m.smear.weight, m.smear2.weight
+    idx, pos = torch.tensor([[3, 7, 9, 4, 5]]), torch.tensor([[0, 1, 2, 0, 1]])  # segments of 3 and 2
+    prev = torch.tensor([[[0, 0], [3, 0], [7, 3], [9, 7], [4, 9]]])  # (B, T, 2): one back, two back
+    x = m.embed(idx, prev, pos)[0]
+    expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9] + W @ wte[7] + W2 @ wte[3],
+                            wte[4], wte[5] + W @ wte[4]])
     torch.testing.assert_close(x, expected)
 
 

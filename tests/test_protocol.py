@@ -134,7 +134,7 @@ def test_sampled_structures_are_valid(capacity):
     rng = random.Random(capacity)
     for _ in range(200):
         n = rng.randint(1, 8)
-        actions = P.sample_structure(rng, n, capacity)
+        actions = P.sample_plan(rng, n, capacity)
         running, forked = set(), []
         for a in actions:
             i = int(a[1:])
@@ -147,11 +147,11 @@ def test_sampled_structures_are_valid(capacity):
 
 
 @pytest.mark.parametrize("capacity", [2, 3, 4, 8])
-def test_window_structure_keeps_the_pool_full(capacity):
+def test_window_plan_keeps_the_pool_full(capacity):
     """Oracle: simulate the pool; every fork happens when a slot is free, and a join happens
     only when the pool is full (or at the end), so c-1 workers are busy whenever possible."""
     for n in range(1, 10):
-        actions = P.window_structure(n, capacity)
+        actions = P.window_plan(n, capacity)
         running, forked = [], []
         for a in actions:
             i = int(a[1:])
@@ -163,7 +163,7 @@ def test_window_structure_keeps_the_pool_full(capacity):
                 assert len(running) == capacity - 1 or len(forked) == n
                 running.pop(0)
         assert not running and forked == list(range(1, n + 1))
-    assert P.window_structure(3, 8) == ["F1", "F2", "F3", "J1", "J2", "J3"]
+    assert P.window_plan(3, 8) == ["F1", "F2", "F3", "J1", "J2", "J3"]
 
 
 # ---------------------------------------------------------------- latency, hand-worked
@@ -200,7 +200,7 @@ def test_fork_all_then_join_all():
     # step 7, waits for w1 until 13, <JOIN-2> at 14 (w2 long done), answer at 15..17.
     org = "<FORK-1>q</FORK-1><FORK-2>q</FORK-2><JOIN-1>7</JOIN-1><JOIN-2>7</JOIN-2><ANSWER>7</ANSWER>"
     t = traj(org, {1: worker(10), 2: worker(4)}, capacity=3)
-    assert t.errors == [] and P.structure(t) == "F1 F2 J1 J2"
+    assert t.errors == [] and P.plan_of(t) == "F1 F2 J1 J2"
     assert P.critical_path(t) == 17
     assert P.concurrency(t) == pytest.approx((11 + 10 + 4) / 17)
 
@@ -213,7 +213,7 @@ def test_interleaved_fork_join():
     org = ("<FORK-1>q</FORK-1><FORK-2>q</FORK-2><JOIN-1>7</JOIN-1><FORK-3>q</FORK-3>"
            "<JOIN-2>7</JOIN-2><JOIN-3>7</JOIN-3><ANSWER>7</ANSWER>")
     t = traj(org, {1: worker(5), 2: worker(20), 3: worker(3)}, capacity=3)
-    assert t.errors == [] and P.structure(t) == "F1 F2 J1 F3 J2 J3"
+    assert t.errors == [] and P.plan_of(t) == "F1 F2 J1 F3 J2 J3"
     assert P.critical_path(t) == 30
     assert P.concurrency(t) == pytest.approx((15 + 5 + 20 + 3) / 30)
     spans = {s.name: s for s in P.timeline(t)}

@@ -75,7 +75,7 @@ def test_structure_hints_are_followed(rows):
         trace = traces.make_trace(row, "async", rng, capacity=3, hint_share=1.0)
         prompt = trace.organizer[0][0]
         hint = re.search(r"plan (.*)\n", prompt).group(1)
-        assert P.structure(trace.parse(tok, 3)) == hint
+        assert P.plan_of(trace.parse(tok, 3)) == hint
         hinted += 1
     assert hinted == len(rows["countdown"])
 
@@ -83,7 +83,7 @@ def test_structure_hints_are_followed(rows):
 def test_default_async_topology_keeps_the_pool_busy(rows):
     """Without a hint the organizer forks up to c-1 workers before its first join."""
     trace = traces.make_trace(rows["countdown"][0], "async", random.Random(0), capacity=4, hint_share=0.0)
-    assert P.structure(trace.parse(tok, 4)).startswith("F1 F2 F3 J1")
+    assert P.plan_of(trace.parse(tok, 4)).startswith("F1 F2 F3 J1")
 
 
 def test_sft_masks(rows):
