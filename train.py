@@ -3,7 +3,8 @@ Train AsyncThink end to end:  python train.py --stage sft   then   python train.
 
 Stage 1, cold-start format SFT: the model imitates solver-written organizer and worker traces
 (traces.py) of one thinking mode. Every thread is its own training sequence; prompts and the
-join results the executor would inject get no loss (the trace marks them).
+join results the executor would inject get no loss (the trace marks them). The blocks' matrices
+train with Muon, everything else with AdamW (muon.py).
 
 Stage 2, RL (grpo.py): the executor rolls out G whole structures per question, a reward scores
 each, and the group-relative advantage trains every generated token of every thread.
@@ -13,7 +14,7 @@ curves.png. The RL stage starts from that folder's sft.pt. Checkpoints are writt
 and carry the model, optimizer, step, RNG states and config, so --resume continues a killed run
 exactly where it stopped (same weights as a run that was never killed).
 
-    python train.py --stage sft                       # small model, small countdown, CPU
+    python train.py --stage sft                       # the cpu recipe: small model, small countdown
     python train.py --stage rl
     python train.py --stage sft --preset gpu --device cuda --compile
     torchrun --nproc_per_node=2 train.py --stage sft  # DDP (gloo on CPU, NCCL on GPU)
