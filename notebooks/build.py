@@ -845,12 +845,13 @@ TRAINING = [
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
     line of arithmetic) and then slowly. A model of this size needs thousands of steps to get the
     numbers right: the default `cpu` recipe (the 1M-parameter `small` model, `python train.py --stage sft`, which
-    fills a 12-minute budget: ~2,900 steps on a 2-core box) writes valid trajectories in ~92% of
-    episodes and finds at least one correct expression in about half of them (500 test puzzles),
-    but all four in under 1%: the workers often find all four between them, and the organizer
-    loses them when it copies its running tally. The budget ends on the steep part of the
-    learning curve, so the run moves the result by ±10 points (`BENCHMARKS.md` keeps the figures,
-    `diagnose.py` the reasons).
+    fills a 12-minute budget: ~2,500 steps on a 2-core box, its matrices trained with Muon,
+    `muon.py`) writes valid trajectories in ~97% of episodes and, on 500 test puzzles, finds at
+    least one correct expression in about three quarters of them and two in 40%, but all four in
+    about 1%: the workers find all four between them in two episodes of three, and the organizer
+    loses them when it copies its running tally (it copies by "what followed the token I just
+    wrote", which expressions over six small numbers make ambiguous). `BENCHMARKS.md` keeps the
+    figures, `diagnose.py` the reasons.
 
     ## The GRPO reward, by hand
 
