@@ -417,14 +417,15 @@ class GPT(nn.Module):
 
         # the tokens before each new one: the slot's last S tokens, then the new tokens themselves
         S = cache.last.size(1)
-        history = torch.cat([cache.last[slots].flip(1), idx], dim=1)  # (B, S + T), oldest first
+        history = torch.cat([cache.last[slots], idx], dim=1)  # (B, S + T), oldest first
         prev = torch.stack([history[:, S - lag:S - lag + T] for lag in range(1, S + 1)], dim=-1)  # (B, T, S)
         x = self.embed(idx, prev, pos)
         for i, block in enumerate(self.transformer.h):
             x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask, read, live)
         logits = self.lm_head(self.transformer.ln_f(x))
-        ends = S + n_new[rows] - 1  # each writing row's last token in history
-        cache.last[slots[rows]] = torch.stack([history[rows, ends - j] for j in range(S)], dim=1)
+        # each writing row's last S tokens of history, in one gather (a row appends n_new of them)
+        cols = (n_new[rows] - 1)[:, None] + torch.arange(1, S + 1, device=rows.device)  # (R, S)
+        cache.last[slots[rows]] = history[rows[:, None], cols]
         cache.lengths[slots] = start + n_new
         return logits
 
@@ -522,7 +523,7 @@ class KVCache:
     k, v: (n_layer, n_slots, n_head, max_len, head_dim), preallocated once (heads before
     positions: a slot's keys read back in the layout attention multiplies in).
     lengths: (n_slots,) long, how many positions of each slot are valid.
-    last: (n_slots, S) long, each slot's last S tokens, the latest first (the next token's
+    last: (n_slots, S) long, each slot's last S tokens, oldest first (the next token's
     predecessors, for smear; S = max(1, config.smear)).
     A slot is one token sequence (one AsyncThink thread); slots are independent and
     each is at its own length. Positions at or beyond a slot's length hold stale data
