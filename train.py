@@ -72,7 +72,7 @@ class TrainConfig:
     micro_tokens: int = 8192        # tokens per forward (packed rows), gradient accumulated
     lr: float = 3e-3
     muon_lr: float = 0.02           # SFT: Muon for the blocks' matrices at this peak lr (muon.py);
-                                    # 0: AdamW for all (+14 >=1, +21 >=2 at equal steps: BENCHMARKS)
+                                    # 0: AdamW for all (BENCHMARKS.md "Muon" has the A/B)
     min_lr: float = 3e-4
     warmup: int = 50
     weight_decay: float = 0.1
