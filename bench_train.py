@@ -102,6 +102,71 @@ def bare_step(fwd, model, opt, batches, device="cpu", autocast=nullcontext()):
     opt.zero_grad(set_to_none=True)
 
 
+def time_loops(cfg, tok, n_steps, device):
+    """Run the three loops on the same traces, alternating step by step. Returns a dict of
+    per-step lists (seconds: ours, bare, padded, data; n_tokens, n_flops), the padded batches,
+    the model and the autocast train.py chose."""
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig.preset(cfg.model, tok.n_vocab)).to(device) for _ in range(3)]  # ours, bare, padded
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    ours, bare, padded = models
+    fwd_ours, autocast = train.wrap(ours, cfg, 1, device)  # train.py's own forward and autocast
+    fwd_bare, fwd_padded = (torch.compile(m) if cfg.compile else m for m in (bare, padded))
+    opts = [train.make_optimizer(m, cfg.lr, cfg.weight_decay, cfg.muon_lr) for m in models]
+    rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for all three
+    seqs = lambda rng: train.sft_sequences(cfg, tok, rng, cfg.sft_episodes, ours.config.block_size)
+    prepared = [seqs(rng_bare) for _ in range(n_steps)]  # the bare loops' data, made beforehand
+    packed = [train.micro_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
+    padded_data = [padded_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
+    t = {name: [] for name in ("ours", "bare", "padded", "data", "n_tokens", "n_flops")}
+    for step in range(n_steps):
+        t0 = time.perf_counter()
+        batches = train.micro_batches(seqs(rng_ours), cfg.micro_tokens, tok.pad)  # inside the step
+        t["data"].append(time.perf_counter() - t0)
+        train.sft_step(fwd_ours, opts[0], batches, cfg, device, autocast=autocast)
+        sync(device)
+        t["ours"].append(time.perf_counter() - t0)
+        for fwd, model, opt, data, name in [(fwd_bare, bare, opts[1], packed, "bare"),
+                                            (fwd_padded, padded, opts[2], padded_data, "padded")]:
+            sync(device)
+            t0 = time.perf_counter()
+            bare_step(fwd, model, opt, data[step], device, autocast)
+            sync(device)
+            t[name].append(time.perf_counter() - t0)
+        t["n_tokens"].append(sum(len(ids) - 1 for ids, _ in prepared[step]))
+        t["n_flops"].append(flops(ours, prepared[step]))
+    return t, padded_data, ours, autocast
+
+
+def report(t, padded_data, model, autocast, args, cfg, device):
+    """Print the table, the data share and the MFU, over the steps after warm-up."""
+    # the first step warms up allocators; compiling takes a few more (one per new batch shape)
+    keep = slice(min(args.steps - 1, 5 if args.compile else 1), None)
+    tok_s = lambda times: sum(t["n_tokens"][keep]) / sum(times[keep])
+    bf16 = not isinstance(autocast, nullcontext)  # train.wrap autocasts only for bf16 on CUDA
+    peak = matmul_peak(8192 if "cuda" in str(device) else 1024, device=device,
+                       dtype=torch.bfloat16 if bf16 else torch.float32)
+    achieved = sum(t["n_flops"][keep]) / sum(t["ours"][keep]) / 1e9
+    padding = 1 - sum(t["n_tokens"]) / sum(x.numel() for batches in padded_data for x, _ in batches)
+    print(f"SFT speed, preset {args.preset} ({model.num_params() / 1e6:.2f}M parameters), "
+          f"{cfg.sft_episodes} traces per step, {len(t['n_tokens'][keep])} timed steps, device {device}, "
+          f"{'bfloat16 autocast' if bf16 else 'float32'}{', compiled' if args.compile else ''}, "
+          f"torch threads {torch.get_num_threads()}")
+    print("| loop | trace tokens/s | ratio to the bare loop | median step |")
+    print("|---|---|---|---|")
+    for name, times in [("bare nanoGPT-style loop, packed rows", t["bare"]),
+                        ("train.py step (with trace generation)", t["ours"]),
+                        (f"bare loop, padded batches ({100 * padding:.0f}% padding)", t["padded"])]:
+        print(f"| {name} | {tok_s(times):.0f} | {tok_s(times) / tok_s(t['bare']):.2f} | "
+              f"{1000 * statistics.median(times[keep]):.0f} ms |")
+    share = sum(t["data"][keep]) / sum(t["ours"][keep])
+    print(f"trace generation and packing: {100 * share:.0f}% of train.py's step time")
+    print(f"model FLOPs utilization: {achieved:.1f} GFLOP/s of a measured {peak:.1f} GFLOP/s "
+          f"{'bf16' if bf16 else 'float32'} matmul peak "
+          f"= {100 * achieved / peak:.0f}% MFU (padding not counted)")
+
+
 def main(argv=None):
     ap = cli.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("--preset", default="cpu", choices=sorted(train.PRESETS))
@@ -120,61 +185,7 @@ def main(argv=None):
     flags = ["--preset", args.preset] + (["--sft-episodes", str(args.episodes)] if args.episodes else [])
     cfg = train.parse_args(flags + (["--dtype", args.dtype] if args.dtype else []) + ["--compile"] * args.compile)
     tok = P.Tokenizer.numbers()
-    torch.manual_seed(0)
-    models = [GPT(GPTConfig.preset(cfg.model, tok.n_vocab)).to(device) for _ in range(3)]  # ours, bare, padded
-    for m in models[1:]:
-        m.load_state_dict(models[0].state_dict())
-    ours, bare, padded = models
-    fwd_ours, autocast = train.wrap(ours, cfg, 1, device)  # train.py's own forward and autocast
-    fwd_bare, fwd_padded = (torch.compile(m) if cfg.compile else m for m in (bare, padded))
-    opts = [train.make_optimizer(m, cfg.lr, cfg.weight_decay, cfg.muon_lr) for m in models]
-    rng_ours, rng_bare = random.Random(1), random.Random(1)  # the same traces for all three
-    block = ours.config.block_size
-    seqs = lambda rng: train.sft_sequences(cfg, tok, rng, cfg.sft_episodes, block)
-    prepared = [seqs(rng_bare) for _ in range(args.steps)]  # the bare loops' data, made beforehand
-    packed = [train.micro_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
-    padded_data = [padded_batches(s, cfg.micro_tokens, tok.pad) for s in prepared]
-    t_ours, t_bare, t_padded, n_tokens, n_flops, t_data = [], [], [], [], [], []
-    for step in range(args.steps):
-        t0 = time.perf_counter()
-        batches = train.micro_batches(seqs(rng_ours), cfg.micro_tokens, tok.pad)  # inside the step
-        t_data.append(time.perf_counter() - t0)
-        train.sft_step(fwd_ours, opts[0], batches, cfg, device, autocast=autocast)
-        sync(device)
-        t_ours.append(time.perf_counter() - t0)
-        for fwd, model, opt, data, times in [(fwd_bare, bare, opts[1], packed, t_bare),
-                                             (fwd_padded, padded, opts[2], padded_data, t_padded)]:
-            sync(device)
-            t0 = time.perf_counter()
-            bare_step(fwd, model, opt, data[step], device, autocast)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        n_tokens.append(sum(len(ids) - 1 for ids, _ in prepared[step]))
-        n_flops.append(flops(ours, prepared[step]))
-    # the first step warms up allocators; compiling takes a few more (one per new batch shape)
-    keep = slice(min(args.steps - 1, 5 if args.compile else 1), None)
-    tok_s = lambda times: sum(n_tokens[keep]) / sum(times[keep])
-    bf16 = not isinstance(autocast, nullcontext)  # train.wrap autocasts only for bf16 on CUDA
-    peak = matmul_peak(8192 if "cuda" in str(device) else 1024, device=device,
-                       dtype=torch.bfloat16 if bf16 else torch.float32)
-    achieved = sum(n_flops[keep]) / sum(t_ours[keep]) / 1e9
-    padding = 1 - sum(n_tokens) / sum(x.numel() for batches in padded_data for x, _ in batches)
-    print(f"SFT speed, preset {args.preset} ({ours.num_params() / 1e6:.2f}M parameters), "
-          f"{cfg.sft_episodes} traces per step, {len(n_tokens[keep])} timed steps, device {device}, "
-          f"{'bfloat16 autocast' if bf16 else 'float32'}{', compiled' if args.compile else ''}, "
-          f"torch threads {torch.get_num_threads()}")
-    print("| loop | trace tokens/s | ratio to the bare loop | median step |")
-    print("|---|---|---|---|")
-    for name, times in [("bare nanoGPT-style loop, packed rows", t_bare),
-                        ("train.py step (with trace generation)", t_ours),
-                        (f"bare loop, padded batches ({100 * padding:.0f}% padding)", t_padded)]:
-        print(f"| {name} | {tok_s(times):.0f} | {tok_s(times) / tok_s(t_bare):.2f} | "
-              f"{1000 * statistics.median(times[keep]):.0f} ms |")
-    share = sum(t_data[keep]) / sum(t_ours[keep])
-    print(f"trace generation and packing: {100 * share:.0f}% of train.py's step time")
-    print(f"model FLOPs utilization: {achieved:.1f} GFLOP/s of a measured {peak:.1f} GFLOP/s "
-          f"{'bf16' if bf16 else 'float32'} matmul peak "
-          f"= {100 * achieved / peak:.0f}% MFU (padding not counted)")
+    report(*time_loops(cfg, tok, args.steps, device), args, cfg, device)
     return 0
 
 

@@ -385,18 +385,7 @@ class GPT(nn.Module):
         Meant for inference: call model.eval() (no dropout) and wrap in torch.no_grad().
         """
         B, T = idx.size()
-        slots = torch.as_tensor(slots, dtype=torch.long, device=cache.lengths.device)
-        if slots.shape != (B,):
-            raise ValueError(f"slots must have shape ({B},), got {tuple(slots.shape)}")
-        if slots.unique().numel() != B:
-            raise ValueError(f"a slot is listed twice in one forward_cached call: {slots.tolist()}")
-        if int(slots.min()) < 0 or int(slots.max()) >= cache.n_slots:
-            raise ValueError(f"slot index out of range [0, {cache.n_slots}): {slots.tolist()}")
-        if n_new is None:
-            n_new = torch.full((B,), T, dtype=torch.long, device=slots.device)
-        n_new = torch.as_tensor(n_new, dtype=torch.long, device=slots.device)
-        if int(n_new.min()) < 0 or int(n_new.max()) > T:
-            raise ValueError(f"n_new must lie in [0, {T}], got {n_new.tolist()}")
+        slots, n_new = cache.check_append(slots, n_new, B, T)
         start = cache.lengths[slots]  # (B,)
         written = n_new > 0
         L = int((start + T)[written].max()) if bool(written.any()) else 1  # longest key range needed
@@ -442,23 +431,7 @@ class GPT(nn.Module):
         "average token", so the new tokens begin with ordinary-sized logits and
         activations instead of random noise or zeros.
         """
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"pretrained folder not found: {path}")
-        config_file = os.path.join(path, "config.json")
-        if not os.path.isfile(config_file):
-            raise FileNotFoundError(f"no config.json in pretrained folder {path}")
-        with open(config_file) as f:
-            hf = json.load(f)
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"unsupported activation_function {hf['activation_function']!r} in {config_file}")
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            from safetensors.torch import load_file
-            sd_hf = load_file(os.path.join(path, "model.safetensors"))
-        elif os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            sd_hf = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
-
+        hf, sd_hf = read_hf_folder(path)
         ckpt_vocab = hf["vocab_size"]
         vocab_size = vocab_size or ckpt_vocab
         if vocab_size < ckpt_vocab:
@@ -493,6 +466,26 @@ class GPT(nn.Module):
                                      f"model {tuple(sd[k].shape)}")
                 sd[k].copy_(v)
         return model
+
+
+def read_hf_folder(path):
+    """(config.json as a dict, the state dict) of a Hugging Face GPT-2 folder; a missing file or
+    another activation function raises a one-line error."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"pretrained folder not found: {path}")
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"no config.json in pretrained folder {path}")
+    with open(config_file) as f:
+        hf = json.load(f)
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"unsupported activation_function {hf['activation_function']!r} in {config_file}")
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        from safetensors.torch import load_file
+        return hf, load_file(os.path.join(path, "model.safetensors"))
+    if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+        return hf, torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}")
 
 
 def init_number_embeddings(model, values, periods=(2, 3, 4, 5, 7, 10, 20, 50, 100, 200, 500, 1000),
@@ -543,6 +536,22 @@ class KVCache:
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.last = torch.zeros(n_slots, max(1, int(config.smear)), dtype=torch.long, device=device)
         self.n_slots, self.max_len = n_slots, max_len
+
+    def check_append(self, slots, n_new, B, T):
+        """(slots, n_new) as (B,) long tensors for an append of T tokens to B rows (n_new None:
+        all T); a slot listed twice, out of range, or a count outside [0, T] raises ValueError."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.lengths.device)
+        if slots.shape != (B,):
+            raise ValueError(f"slots must have shape ({B},), got {tuple(slots.shape)}")
+        if slots.unique().numel() != B:
+            raise ValueError(f"a slot is listed twice in one forward_cached call: {slots.tolist()}")
+        if int(slots.min()) < 0 or int(slots.max()) >= self.n_slots:
+            raise ValueError(f"slot index out of range [0, {self.n_slots}): {slots.tolist()}")
+        n_new = torch.full((B,), T, dtype=torch.long) if n_new is None else n_new
+        n_new = torch.as_tensor(n_new, dtype=torch.long, device=slots.device)
+        if int(n_new.min()) < 0 or int(n_new.max()) > T:
+            raise ValueError(f"n_new must lie in [0, {T}], got {n_new.tolist()}")
+        return slots, n_new
 
     def nbytes(self):
         return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()

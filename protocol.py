@@ -360,11 +360,8 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
             break
         if kind == "text" or (was_injected and kind == "join_end"):
             continue  # thinking text, or a join's injected takeaway and closing tag
-        if kind in ("fork", "join", "answer") and role == "worker":
-            errors.append(f"{WRONG_ROLE}: {kind} tag in a worker")
-            continue
-        if kind == "return" and role == "organizer":
-            errors.append(f"{WRONG_ROLE}: <RETURN> in the organizer")
+        if error := wrong_role(kind, role):
+            errors.append(error)
             continue
         if kind == "fork":
             if i in forked:
@@ -383,15 +380,33 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
             result_kind, result = kind, []
         else:
             errors.append(f"{STRAY_TAG}: {tok.decode([t])} generated")
+    errors.extend(end_of_thread_errors(th, open_fork, outstanding))
+    return th
+
+
+def wrong_role(kind, role):
+    """The error for a tag this role may not write, else None: workers fork, join and answer
+    nothing; the organizer returns nothing."""
+    if kind in ("fork", "join", "answer") and role == "worker":
+        return f"{WRONG_ROLE}: {kind} tag in a worker"
+    if kind == "return" and role == "organizer":
+        return f"{WRONG_ROLE}: <RETURN> in the organizer"
+    return None
+
+
+def end_of_thread_errors(th, open_fork, outstanding):
+    """What a thread still owed when its tokens ran out: a closed fork, its answer (or return),
+    and, before the answer, a join of every worker it forked."""
+    errors = []
     if open_fork is not None:
         errors.append(f"{UNCLOSED_FORK}: <FORK-{open_fork}> never closed")
     if th.result is None:
-        errors.append(f"{MISSING_ANSWER}: no <ANSWER>...</ANSWER>" if role == "organizer"
+        errors.append(f"{MISSING_ANSWER}: no <ANSWER>...</ANSWER>" if th.role == "organizer"
                       else f"{MISSING_RETURN}: no <RETURN>...</RETURN>")
     elif outstanding:
         errors.append(f"{UNJOINED_FORK}: " + ", ".join(f"<FORK-{i}>" for i in sorted(outstanding))
                       + " not joined before the answer")
-    return th
+    return errors
 
 
 @dataclass

@@ -14,10 +14,14 @@ protocol.parse of what was produced, and, for episodes that answered without que
 protocol.timeline (the reference latency) against the executor's own step counts.
 
 The three executor bugs this fuzzing found have regression tests at the end of this file.
+
+Long mode: `ASYNCTHINK_FUZZ=long python -m pytest tests/test_fuzz.py` draws 5,000 adversarial
+cases (more than 10,000 episodes; about ten minutes on 2 cores) instead of CI's 400.
 """
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 
@@ -518,13 +522,18 @@ def forcer(scripts):
     return force
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None,
+LONG = os.environ.get("ASYNCTHINK_FUZZ") == "long"
+FORCED_EPISODES = []  # how many episodes the forced-stream fuzz ran (checked in long mode)
+
+
+@settings(max_examples=5000 if LONG else 400, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(case=cases())
 def test_forced_streams_never_break_the_executor(case):
     cfg, scripts = case
     rows = ROWS[:len(scripts)]
     episodes, records, _ = run(GrammarModel(cfg.seed, cfg.capacity), cfg, rows, forcer(scripts))
+    FORCED_EPISODES.append(len(episodes))
     for ep, s in zip(episodes, scripts):  # every thread emitted exactly its script
         for th in ep.threads:
             want = s["organizer"] if th.role == "organizer" else s["workers"][th.fork_id - 1]
@@ -532,6 +541,11 @@ def test_forced_streams_never_break_the_executor(case):
             assert got[:len(want)] == want[:len(got)]
             if s["tail"] == "text":
                 assert all(t == FILLER for t in got[len(want):])
+
+
+@pytest.mark.skipif(not LONG, reason="long mode only (ASYNCTHINK_FUZZ=long)")
+def test_long_mode_ran_ten_thousand_forced_episodes():
+    assert sum(FORCED_EPISODES) >= 10_000, sum(FORCED_EPISODES)
 
 
 # -----------------------------------------------------------------------------
