@@ -107,16 +107,35 @@ class RecordingExecutor(Executor):
         return super().forward(idx, slots, n_new)
 
 
+def sync(device):
+    """Wait for the GPU: its kernels run asynchronously, so a timer must not stop before they end."""
+    if "cuda" in str(device):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(n=1024, repeats=10, device="cpu", dtype=torch.float32):
+    """GFLOP/s of the best of several n x n matmuls (on a GPU use n = 8192: small ones cannot fill it)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
 def timed(fn, device):
     """Seconds fn() takes (on a GPU, until its queued work is done). Like timeit, with the garbage
     collector off: the executor's many small objects would otherwise trigger collections."""
-    gpu = torch.cuda.synchronize if device == "cuda" else lambda: None
-    gpu()
+    sync(device)
     gc.disable()
     t0 = time.perf_counter()
     try:
         fn()
-        gpu()
+        sync(device)
         return time.perf_counter() - t0
     finally:
         gc.enable()
@@ -441,6 +460,22 @@ def keys_read(calls):
     return read, need
 
 
+def decode_flops(model, threads):
+    """FLOPs of decoding the threads' generated tokens one by one (what any decoder must compute,
+    padding and prefills not counted): per token 2 x the weights it multiplies (the blocks and
+    the output layer) plus 4 x n_layer x n_embd x its position (scores and values over the keys
+    before it), as in bench_train.flops without the backward."""
+    c = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith("transformer.h."))
+    per_token = 2 * (weights + c.n_embd * c.vocab_size)
+    total = 0
+    for th in threads:
+        for j, injected in enumerate(th.injected):
+            if not injected:
+                total += per_token + 4 * c.n_layer * c.n_embd * (len(th.prompt) + j)
+    return total
+
+
 def bench_real(args, device, repeats):
     """5. A trained checkpoint's own episodes at RL's batch, sampled as RL samples them."""
     try:
@@ -462,13 +497,17 @@ def bench_real(args, device, repeats):
         times["bare"].append(timed(lambda: replay_bare(model, rec.calls, bare), device))
     ex_s, bare_s = (statistics.median(times[key]) for key in ("executor", "bare"))
     read, need = keys_read(rec.calls)
+    gflops = decode_flops(model, [th for ep in episodes for th in ep.threads]) / ex_s / 1e9
+    peak = matmul_peak(1024 if device == "cpu" else 8192, device=device)
     print(f"\n## 5. Real episodes: {args.ckpt}, {n} at once (temperature 0.7, RL's token limits)\n")
     table(["episodes", "tokens", "steps", "forward calls", "executor tok/s", "bare forward tok/s",
-           "overhead", "keys read / keys needed"],
+           "overhead", "keys read / keys needed", "decode GFLOP/s (of matmul peak)"],
           [[str(n), str(tokens), str(rec.clock), str(len(rec.calls)), f"{tokens / ex_s:.0f}",
-            f"{tokens / bare_s:.0f}", f"{100 * (ex_s / bare_s - 1):+.0f}%", f"{read / need:.2f}"]])
+            f"{tokens / bare_s:.0f}", f"{100 * (ex_s / bare_s - 1):+.0f}%", f"{read / need:.2f}",
+            f"{gflops:.2f} ({100 * gflops / peak:.1f}% of {peak:.0f})"]])
     stops = sorted({ep.stop_reason for ep in episodes})
-    print(f"\nhow the episodes ended: {', '.join(stops)}; their mean tokens: {tokens / n:.0f}")
+    print(f"\nhow the episodes ended: {', '.join(stops)}; their mean tokens: {tokens / n:.0f}; "
+          "the peak is the best float32 matmul on this device (matmul_peak)")
     return 0
 
 

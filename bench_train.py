@@ -31,29 +31,10 @@ import torch
 
 import asyncthink as A
 import cli
+from bench import matmul_peak, sync
 import protocol as P
 import train
 from model import GPT, GPTConfig
-
-
-def sync(device):
-    """Wait for the GPU: its kernels run asynchronously, so a timer must not stop before they end."""
-    if "cuda" in str(device):
-        torch.cuda.synchronize()
-
-
-def matmul_peak(n=1024, repeats=10, device="cpu", dtype=torch.float32):
-    """GFLOP/s of the best of several n x n matmuls (on a GPU use n = 8192: small ones cannot fill it)."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
 
 
 def flops(model, seqs):
