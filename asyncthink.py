@@ -17,6 +17,7 @@ and the command line:
     python asyncthink.py compare A.jsonl B.jsonl     # paired comparison (compare.py)
 """
 
+import argparse
 import json
 import os
 import sys
@@ -39,7 +40,8 @@ def trajectory(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     """protocol.parse of what the episode produced (the executor knows which tokens it injected)."""
     org = ep.organizer
     workers = {i: w.out for i, w in org.children.items()}
-    return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=ep.row["task"], injected=org.injected)
+    return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=ep.row["task"], injected=org.injected,
+                   tools=cfg.tools)
 
 
 def score(row, answers):
@@ -65,6 +67,7 @@ def timeline_rows(ep: Episode):
     rows = []
     for th in ep.threads:
         name = "organizer" if th.role == "organizer" else f"worker {th.fork_id}"
+        name += f" ({th.tool})" if th.tool else ""
         rows.append(dict(thread=name, fork_step=rel(th.fork_step), start=rel(th.start_step),
                          finish=rel(th.finish_step), join_step=rel(th.join_step), tokens=th.generated,
                          active=[(rel(a), rel(b)) for a, b in th.active]))
@@ -87,6 +90,7 @@ def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
             "correct": solved, "latency": latency,
             "concurrency": round(P.concurrency(traj), 4),
             "tokens": sum(th.generated for th in ep.threads),
+            "tool_calls": sum(th.tool is not None for th in ep.threads),
             "format_errors": traj.errors, "stop_reason": ep.stop_reason,
             "steps": steps,
             "wall_s": round((ep.t_end or 0) - (ep.t_start or 0), 4),
@@ -107,7 +111,7 @@ def show_timeline(rec, width=72):
     col = lambda step: min(width - 1, int((step - 1) * scale)) if step else 0
     lines = [f"latency {rec['latency']} steps (critical path), eta {rec['concurrency']:.2f}, "
              f"{rec['tokens']} tokens, errors: {', '.join(rec['format_errors']) or 'none'}"]
-    n = col(T) + 1
+    n, width_name = col(T) + 1, max(10, max(len(r["thread"]) for r in rows))
     for r in rows:
         cells = [" "] * n
         if r["active"]:  # waiting between its first and last decode shows as '.'
@@ -121,7 +125,7 @@ def show_timeline(rec, width=72):
                 cells[col(r["fork_step"])] = "F"
             if r["join_step"]:
                 cells[col(r["join_step"])] = "J"
-        lines.append(f"{r['thread']:<10}|{''.join(cells)}|")
+        lines.append(f"{r['thread']:<{width_name}}|{''.join(cells)}|")
     return "\n".join(lines)
 
 
@@ -141,6 +145,14 @@ def load_model(path, device="cpu"):
             raise ValueError(f"{path}: model vocabulary {model.config.vocab_size} does not match "
                              f"its tokenizer's {tok.n_vocab}")
     return model.to(device), tok
+
+
+def saved_tools(path):
+    """The tools a checkpoint's model was trained to call (train.py --tools); () for others."""
+    if os.path.isdir(path):
+        return ()
+    _, ckpt = load_checkpoint(path)
+    return P.parse_tools(ckpt.get("train_config", {}).get("tools", ""))
 
 
 def pick_device(name="auto"):
@@ -230,6 +242,17 @@ def add_run_flags(ap):
     ap.add_argument("--max-steps", type=int, default=d.max_steps)
     ap.add_argument("--batch", type=int, default=d.batch_episodes, help="episodes decoded at once")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    ap.add_argument("--tools", type=tool_list, default=None,
+                    help=f"tools a fork may call by prefix, comma-separated ({','.join(P.TOOLS)}; "
+                         "tools.py); default: those the checkpoint was trained with ('' for none)")
+
+
+def tool_list(text):
+    """--tools "calc,check" -> ("calc", "check"); an unknown name is a one-line usage error."""
+    try:
+        return P.parse_tools(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def run_config(args):
@@ -241,7 +264,7 @@ def run_config(args):
                     max_organizer_tokens=args.max_organizer_tokens,
                     max_worker_tokens=args.max_worker_tokens,
                     max_episode_tokens=args.max_episode_tokens, max_steps=args.max_steps,
-                    batch_episodes=args.batch)
+                    batch_episodes=args.batch, tools=args.tools or ())
     cfg.check()
     return cfg
 
@@ -277,6 +300,8 @@ def main(argv=None):
         if not rows:
             raise ValueError(f"{args.input}: no puzzles")
         model, tok = load_model(args.ckpt, pick_device(args.device))
+        if args.tools is None:
+            cfg.tools = saved_tools(args.ckpt)
         # Records go to OUTPUT.partial as their episodes end (in the order they end), and become
         # OUTPUT, in row order, when all are done: a killed run keeps its finished episodes in
         # the .partial file, and an existing OUTPUT is replaced only by a complete one.

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import protocol as P
 import tasks
+import tools
 from model import GPT
 
 MODES = ("sequential", "parallel", "async")
@@ -100,6 +101,7 @@ class RunConfig:
     batch_episodes: int = 32         # episodes in flight at once
     n_slots: int | None = None       # KV cache slots (default batch_episodes * capacity)
     max_len: int | None = None       # tokens per slot (default the model's block_size)
+    tools: tuple = ()                # tools a fork may call, e.g. ("calc", "check"): tools.py
 
     def check(self):
         if self.mode not in MODES:
@@ -114,6 +116,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be positive")
         if self.temperature < 0 or (self.top_k is not None and self.top_k <= 0):
             raise ValueError("temperature must be >= 0 and top_k positive")
+        if set(self.tools) - set(P.TOOLS):
+            raise ValueError(f"unknown tool {sorted(set(self.tools) - set(P.TOOLS))[0]!r}; "
+                             f"the tools are {', '.join(P.TOOLS)}")
         least = 1 if self.mode == "sequential" else 2  # the organizer, and room for one worker
         if self.n_slots is not None and self.n_slots < least:
             raise ValueError(f"{self.mode} mode needs at least {least} cache slots")
@@ -147,6 +152,7 @@ class Thread:
         self.forked, self.outstanding, self.children = set(), set(), {}  # ids; ids not joined; i -> Thread
         self.fork_step, self.start_step, self.finish_step, self.join_step = fork_step, None, None, None
         self.active = []  # [(first_step, last_step)] runs of consecutive decode steps
+        self.tool = None  # a tool worker's tool name (Executor.call_tool)
 
     def inject(self, ids):
         self.out += ids
@@ -399,7 +405,11 @@ class Executor:
         return int(self.cache.lengths[th.slot]) + len(th.feed) + extra + 1 <= self.cache.max_len
 
     def fork_worker(self, parent, i):
-        """</FORK-i> was decoded: create worker i on the sub-query; it waits for a slot."""
+        """</FORK-i> was decoded: create worker i on the sub-query; it waits for a slot
+        (or, for a tool's sub-query, the tool answers at once: call_tool)."""
+        call = P.tool_call(self.tok.decode(parent.query), self.cfg.tools) if self.cfg.tools else None
+        if call is not None:
+            return self.call_tool(parent, i, *call)
         # P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text
         prompt = [self.tok.worker] + parent.query + self.tok.encode("\n")
         if len(prompt) + 1 > self.cache.max_len:
@@ -408,6 +418,19 @@ class Executor:
         parent.children[i] = worker
         parent.episode.threads.append(worker)
         self.queue.append(worker)
+
+    def call_tool(self, parent, i, name, argument):
+        """Worker i is a tool: it answers during the next step (P.TOOL_STEPS) and is DONE from
+        now, since no <JOIN-i> can come before that step; it decodes nothing, holds no slot."""
+        worker = Thread(parent.episode, "worker", i, [], parent, fork_step=self.clock)
+        worker.tool = name
+        worker.inject(self.tok.encode_plain(tools.run_tool(name, argument, parent.episode.row)))
+        worker.feed, worker.result = [], list(worker.out)
+        worker.state, worker.start_step = DONE, self.clock
+        worker.finish_step = self.clock + P.TOOL_STEPS
+        worker.active = [(self.clock + 1, self.clock + P.TOOL_STEPS)]
+        parent.children[i] = worker
+        parent.episode.threads.append(worker)
 
     def join_worker(self, th, i):
         """<JOIN-i> was decoded: continue with the takeaway now, or wait for worker i."""

@@ -85,14 +85,16 @@ class Reward:
     format_error: bool
 
 
-def reward(rec, capacity, tau=0.75, lam=0.2, format_penalty=-0.5):
-    """The reward of one structure from its executor record (see the module docstring)."""
+def reward(rec, capacity, tau=0.75, lam=0.2, format_penalty=-0.5, tool_cost=0.0):
+    """The reward of one structure from its executor record (see the module docstring); with
+    tool workers (tools.py), tool_cost is taken off a valid structure per call, so RL can learn
+    when a call is worth it."""
     if rec["format_errors"]:
         return Reward(format_penalty, 0.0, 0.0, True)
     k = rec.get("k", 1) if rec["task"] == "countdown" else 1
     r_a = min(rec["n_correct"], k) / k
     r_eta = min(rec["concurrency"] / capacity, tau) / tau
-    return Reward(r_a + lam * r_eta, r_a, r_eta, False)
+    return Reward(r_a + lam * r_eta - tool_cost * rec.get("tool_calls", 0), r_a, r_eta, False)
 
 
 STD_FLOOR = 0.1  # see the module docstring: noise-level differences get near-0 advantages
@@ -177,7 +179,7 @@ def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
             if ep.row["task"] != "countdown":
                 continue
             for j, th in enumerate(ep.threads):
-                r = worker_reward(th, ep.row, tok) if th.role == "worker" else None
+                r = worker_reward(th, ep.row, tok) if th.role == "worker" and th.tool is None else None
                 if r is not None:
                     by_query.setdefault(tuple(th.prompt), []).append((e, j, r))
         for members in by_query.values():
@@ -244,6 +246,7 @@ def rollout(model, tok, cfg, rows, seed):
     """G structures per question with the batched executor; rows are already grouped."""
     run = E.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
                       max_organizer_tokens=cfg.max_organizer_tokens,
-                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows))
+                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows),
+                      tools=P.parse_tools(cfg.tools))
     episodes = E.Executor(model, tok, run).run(rows)
     return episodes, [A.record(ep, tok, run) for ep in episodes]

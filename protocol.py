@@ -170,6 +170,10 @@ class Tokenizer:
     def encode(self, text):
         return self.enc.encode(text, allowed_special="all")
 
+    def encode_plain(self, text):
+        """Text from outside the model (a tool's answer): tag-like text stays text, never a tag."""
+        return self.enc.encode(text, disallowed_special=())
+
     def decode(self, ids):
         return self.enc.decode(list(ids), errors="replace")
 
@@ -302,7 +306,7 @@ class Event:
 class ParsedThread:
     """One thread of a trajectory, parsed. `generated` counts decode steps: tokens the model
     produced, not the ones the executor injected after a <JOIN-i>."""
-    role: str                                     # "organizer" or "worker"
+    role: str                                     # "organizer", "worker" or "tool"
     generated: int = 0
     events: list = field(default_factory=list)    # Event, in order
     sub_queries: dict = field(default_factory=dict)  # fork id -> sub-query text
@@ -416,19 +420,24 @@ class Trajectory:
     answers: list     # the parsed final answers (strings), [] if none
 
 
-def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None, injected=None):
+def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None, injected=None,
+          tools=()):
     """Parse a whole trajectory: the organizer's output ids (injected join results included) and
     each worker's output ids by fork id. Prompts are not part of the ids. `injected` optionally
     marks the organizer's injected tokens (the executor knows them exactly).
 
     Workers are attached to the fork that started them; a worker whose fork never closed is
-    ignored. With `task` ('countdown' or 'sudoku') the answer must parse for that task.
+    ignored. A fork that calls one of `tools` (tool_call) has the tool's answer as its ids.
+    With `task` ('countdown' or 'sudoku') the answer must parse for that task.
     """
     errors = []
     org = parse_thread(organizer_ids, tok, "organizer", capacity, errors, injected)
     for ev in org.events:
         if ev.kind == "fork" and ev.id in worker_ids:
-            org.children[ev.id] = parse_thread(worker_ids[ev.id], tok, "worker", capacity, errors)
+            if tool_call(org.sub_queries[ev.id], tools):
+                org.children[ev.id] = tool_thread(worker_ids[ev.id], tok)
+            else:
+                org.children[ev.id] = parse_thread(worker_ids[ev.id], tok, "worker", capacity, errors)
     answers = []
     if org.result is not None and task is not None:
         answers = parse_answer(org.result, task)
@@ -438,10 +447,10 @@ def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None
     return Trajectory(org, errors, answers)
 
 
-def parse_text(organizer_text, worker_texts: dict, tok: Tokenizer, capacity=4, task=None):
+def parse_text(organizer_text, worker_texts: dict, tok: Tokenizer, capacity=4, task=None, tools=()):
     """`parse` for hand-written text (tests, notebooks)."""
     return parse(tok.encode(organizer_text), {i: tok.encode(t) for i, t in worker_texts.items()},
-                 tok, capacity, task)
+                 tok, capacity, task, tools=tools)
 
 
 def error_names(errors):
@@ -478,6 +487,41 @@ def parse_answer(text, task):
     if task == "sudoku":
         return [text] if re.fullmatch(r"[1-4]{16}", text) else None
     raise ValueError(f"unknown task {task!r}")
+
+
+# -----------------------------------------------------------------------------
+# Tool calls: a fork whose sub-query names a tool goes to that tool, not to a model worker
+
+TOOLS = ("calc", "check")  # what each one does: tools.py
+TOOL_STEPS = 1  # a tool answers within the step after its fork: on the timeline, a worker of one
+                # decode step. So a <JOIN-i> of a tool never waits: it comes a step later at least.
+
+
+def parse_tools(text):
+    """The tools of a --tools flag: parse_tools("calc, check") -> ('calc', 'check'); "" -> ().
+    An unknown name raises ValueError."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    for name in names:
+        if name not in TOOLS:
+            raise ValueError(f"unknown tool {name!r}; the tools are {', '.join(TOOLS)}")
+    return names
+
+
+def tool_call(sub_query, tools):
+    """(tool, argument) if the sub-query starts with "<tool>:" for one of `tools`, else None.
+
+    >>> tool_call("calc: 12*9+4", ("calc", "check"))
+    ('calc', '12*9+4')
+    >>> tool_call("12 9 of 3 9 12 to 30", ("calc",)), tool_call("calc: 1+2", ())
+    (None, None)
+    """
+    name, sep, argument = sub_query.partition(":")
+    return (name, argument.strip()) if sep and name in tools else None
+
+
+def tool_thread(ids, tok: Tokenizer):
+    """The parsed thread of a tool: TOOL_STEPS decode steps, its answer text as the takeaway."""
+    return ParsedThread("tool", generated=TOOL_STEPS, result=tok.decode(ids))
 
 
 # -----------------------------------------------------------------------------

@@ -51,12 +51,14 @@ k it can find) and hinted plans stop early, which leaves RL work to do.
 """
 
 import random
+import re
 import sys
 from dataclasses import dataclass
 
 import cli
 import protocol as P
 import tasks
+import tools
 
 # -----------------------------------------------------------------------------
 # Countdown: one attempt
@@ -200,19 +202,23 @@ class Trace:
     organizer: list
     workers: dict  # fork id -> [(text, trained)]
     answers: list
+    tools: dict = None  # fork id -> a tool's answer (the forks that called one: no worker text)
 
     def threads(self):
         return [self.organizer] + [self.workers[i] for i in sorted(self.workers)]
 
     def sequences(self, tok: P.Tokenizer):
-        """[(ids, trained_mask)] per thread, ready for SFT (loss where the mask is True)."""
-        return [encode(pieces, tok) for pieces in self.threads()]
+        """[(ids, trained_mask)] per thread with something to train on, ready for SFT (loss where
+        the mask is True); the organizer always comes first."""
+        return [encode(pieces, tok) for pieces in self.threads()
+                if pieces is self.organizer or any(trained for _, trained in pieces)]
 
     def parse(self, tok: P.Tokenizer, capacity=4):
         """The trajectory as the protocol sees it (prompts stripped), for checks and metrics."""
         body = lambda pieces: "".join(text for text, _ in pieces[1:])
-        return P.parse_text(body(self.organizer), {i: body(w) for i, w in self.workers.items()},
-                            tok, capacity, task=self.row["task"])
+        threads = {i: body(w) for i, w in self.workers.items()}
+        return P.parse_text(body(self.organizer), {**threads, **(self.tools or {})}, tok, capacity,
+                            task=self.row["task"], tools=P.TOOLS if self.tools else ())
 
     def text(self):
         out = "".join(t for t, _ in self.organizer)
@@ -225,17 +231,25 @@ class Organizer:
     """Writes an organizer thread: forks, joins (with the injected result), its own text."""
 
     def __init__(self, prompt):
-        self.pieces, self.workers, self.results = [(prompt, False)], {}, {}
+        self.pieces, self.workers, self.results, self.tools = [(prompt, False)], {}, {}, {}
 
     def say(self, text):
         self.pieces.append((text, True))
 
-    def fork(self, i, sub_query, worker_text, result):
+    def fork(self, i, sub_query, worker_text, result, trained=True):
+        """Fork worker i. trained=False: a worker whose takeaway the organizer reads but whose own
+        thread is not trained on (check traces' deliberate mistakes)."""
         open_, close, _, _ = P.fork_tags(i)
         self.say(f"{open_}{sub_query}{close}")
         self.workers[i] = [(P.worker_prompt(sub_query), False),
-                           (f"{worker_text}\n{P.RETURN}{result}{P.RETURN_END}", True)]
+                           (f"{worker_text}\n{P.RETURN}{result}{P.RETURN_END}", trained)]
         self.results[i] = result
+
+    def call(self, i, tool, argument, answer):
+        """A fork to a tool (tools.py): the organizer writes the call, nothing is a worker's text."""
+        open_, close, _, _ = P.fork_tags(i)
+        self.say(f"{open_}{tool}: {argument}{close}")
+        self.results[i], self.tools[i] = answer, answer
 
     def join(self, i):
         _, _, open_, close = P.fork_tags(i)
@@ -339,10 +353,15 @@ def countdown_search(numbers, target, k, pairs):
     return "\n".join(blocks), found
 
 
-def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5):
+def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5,
+                    check_share=0.0):
     """Sequential: all pairs in order in one thread. Parallel: N workers each do that search
     on the whole question in their own random order, the organizer answers the union. Async:
-    one worker per pair, at most c-1 at once, stop forking at k."""
+    one worker per pair, at most c-1 at once, stop forking at k. With check_share, that share
+    of the async traces without a plan hand every returned expression to the check tool
+    (check_calls) and tally only those it calls "ok"; in those, WRONG_SHARE of the workers that
+    found something return a wrong variant instead (and are not trained on), so the organizer
+    sees what a "no" means."""
     numbers, target, k = row["numbers"], row["target"], row["k"]
     question = P.question_text(row)
     pairs = pairs_in_order(numbers)[:P.MAX_FORKS]
@@ -371,7 +390,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
     if rng.random() < hint_share:
         actions = P.sample_plan(rng, rng.randint(2, min(8, len(pairs))), capacity)
     org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None))
-    found = {}
+    found, checks = {}, iter(range(P.MAX_FORKS, len(pairs), -1)) if actions is None and rng.random() < check_share else None
 
     def on_fork(i):
         a, b = pairs[i - 1]
@@ -379,16 +398,62 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
         # the sub-query copies the question's numbers whole: a contiguous copy is easy to learn,
         # and the worker skips a and b itself (a first design made the organizer write the
         # numbers left, a set difference the small model never learned to copy)
+        right = checks is None or not got or rng.random() >= WRONG_SHARE
+        if not right:  # a worker that returns a mistake (not trained on: see check_calls)
+            got = got[:-1] + [wrong_variant(got[-1], rng)]
         org.fork(i, f"{a} {b} of {' '.join(map(str, numbers))} to {target}", text,
-                 P.ANSWER_SEPARATOR.join(got) or "none")
+                 P.ANSWER_SEPARATOR.join(got) or "none", trained=right)
 
     def on_join(i):
-        org.say(f" {tally(found, P.parse_answer(org.join(i), 'countdown'), k)}\n")
+        got = P.parse_answer(org.join(i), "countdown")
+        if checks is not None:
+            got = check_calls(org, got, row, checks)
+        org.say(f" {tally(found, got, k)}\n")
 
     run_plan(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
     org.answer(answers)
-    return Trace(row, mode, org.pieces, org.workers, answers)
+    return Trace(row, mode, org.pieces, org.workers, answers, tools=org.tools)
+
+
+WRONG_SHARE = 0.2  # check traces: the share of finds a worker returns with one number changed
+
+
+def wrong_variant(expr, rng: random.Random):
+    """The mistake a small worker makes most: one number of its expression off by one
+    (wrong_variant("12*2-5", random.Random(0)) -> "12*1-5")."""
+    parts = re.split(r"(\d+)", expr)
+    spots = [j for j, part in enumerate(parts) if part.isdigit()]
+    j = spots[-1] if rng.random() < 0.5 else rng.choice(spots)
+    parts[j] = str(max(1, int(parts[j]) + rng.choice([-1, 1])))
+    return "".join(parts)
+
+
+def check_calls(org, exprs, row, ids):
+    """Right after a join: each returned expression goes to the check tool (fork ids from the
+    top, MAX_FORKS down, so they never meet the pairs' ids), joined at once; the expressions it
+    calls "ok" are returned. The solver's workers are always right, so the traces show only
+    the "ok" path: what to do with a "no" (leave it out of the tally) is written in the rule,
+    and a trained model meets real ones from its own wrong workers.
+
+    >>> org = Organizer("")
+    >>> check_calls(org, ["12*2-5"], {"task": "countdown", "numbers": [2, 5, 12], "target": 19}, iter([32]))
+    ['12*2-5']
+    >>> "".join(text for text, _ in org.pieces[1:])
+    '<FORK-32>check: 12*2-5</FORK-32><JOIN-32>ok</JOIN-32>'
+    """
+    kept = []
+    for expr in exprs:
+        i = next(ids, None)
+        if i is None:  # out of fork ids: keep it unchecked
+            kept.append(expr)
+            continue
+        answer = tools.check(expr, row)
+        org.call(i, "check", expr, answer)
+        org.join(i)
+        if answer == "ok":
+            kept.append(expr)
+    return kept
 
 
 # -----------------------------------------------------------------------------
@@ -506,13 +571,14 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
 # -----------------------------------------------------------------------------
 # Command line: look at traces, and measure them
 
-def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5):
+def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5, check_share=0.0):
     """Token lengths, latency, eta and answer quality of n traces (the default tokenizer)."""
     tok = P.Tokenizer.numbers()
     rng = random.Random(seed)
     org, work, lat, eta, full = [], [], [], [], 0
+    checks = dict(check_share=check_share) if check_share and task == "countdown" and mode == "async" else {}
     for row in tasks.make_puzzles(task, "small", n=n, seed=seed, split="train"):
-        trace = make_trace(row, mode, rng, capacity, hint_share=hint_share)
+        trace = make_trace(row, mode, rng, capacity, hint_share=hint_share, **checks)
         traj = trace.parse(tok, capacity)
         seqs = trace.sequences(tok)
         org.append(len(seqs[0][0]))
@@ -536,20 +602,24 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=200, help="puzzles to measure (stats)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a plan in the prompt")
+    ap.add_argument("--check-share", type=float, default=0.0,
+                    help="share of async countdown traces that check each find with the check tool")
     args = ap.parse_args(argv)
-    if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1:
-        ap.error("need --capacity >= 2, --n > 0 and 0 <= --hint-share <= 1")
+    if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1 or not 0 <= args.check_share <= 1:
+        ap.error("need --capacity >= 2, --n > 0, and --hint-share and --check-share in [0, 1]")
     if args.command == "show":
         row = tasks.make_puzzles(args.task, "small", n=1, seed=args.seed, split="train")[0]
         mode = args.mode or "async"
-        print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share).text())
+        checks = dict(check_share=args.check_share) if args.check_share and args.task == "countdown" else {}
+        print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share,
+                         **checks).text())
         return 0
     print(f"{args.n} small-preset puzzles per row, c={args.capacity}, tokens of the default tokenizer (prompts included)")
     print("| task | mode | organizer tokens mean/max | worker tokens mean/max | workers/episode "
           "| latency | eta | traces with all k answers |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in [args.mode] if args.mode else ["sequential", "parallel", "async"]:
-        s = trace_stats(args.task, mode, args.n, args.seed, args.capacity, args.hint_share)
+        s = trace_stats(args.task, mode, args.n, args.seed, args.capacity, args.hint_share, args.check_share)
         print(f"| {s['task']} | {mode} | {s['organizer_mean']:.0f} / {s['organizer_max']} "
               f"| {s['worker_mean']:.0f} / {s['worker_max']} | {s['workers_per_episode']:.1f} "
               f"| {s['latency']:.0f} | {s['eta']:.2f} | {100 * s['complete']:.0f}% |")

@@ -100,6 +100,10 @@ class TrainConfig:
     credit: str = "shared"          # shared (the paper: one advantage per structure) | thread
                                     # (each worker's <RETURN> verified: grpo.thread_advantages)
     no_concurrency_reward: bool = False
+    # tool workers (tools.py): forks to "calc: ..." / "check: ..." answered by a tool, not the model
+    tools: str = ""                 # e.g. "check" or "calc,check": what rollouts and evaluations run
+    check_share: float = 0.0        # share of async countdown traces that check each find (needs check)
+    tool_cost: float = 0.0          # RL: reward minus this per tool call (0: calls are free)
     from_scratch: bool = False      # RL without SFT (ablation)
     max_organizer_tokens: int = 900
     max_worker_tokens: int = 320
@@ -146,7 +150,8 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
     seqs = []
     for _ in range(n_episodes):
         row = new_puzzle(cfg, task_of(cfg, rng), rng)
-        trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share)
+        checks = dict(check_share=cfg.check_share) if row["task"] == "countdown" and cfg.check_share else {}
+        trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share, **checks)
         for j, (ids, mask) in enumerate(trace.sequences(tok)):
             w = cfg.organizer_weight if j == 0 else 1.0
             seqs.append((ids[:block_size + 1], [w * m for m in mask[:block_size + 1]]))
@@ -257,7 +262,8 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     run = E.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
                       temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
-                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n))
+                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n),
+                      tools=P.parse_tools(cfg.tools))
     records = A.solve(model, tok, rows, run, progress=False)
     model.train()
     return {f"eval_{key}": value for key, value in A.metrics(records).items()}
@@ -623,7 +629,7 @@ def train_rl(cfg, rank, world, device, log):
         questions = [new_puzzle(cfg, task_of(cfg, rng), rng) for _ in range(per_rank)]
         rows = [q for q in questions for _ in range(cfg.group)]
         episodes, records = grpo.rollout(model, tok, cfg, rows, seed=cfg.seed * 100003 + step * world + rank)
-        rewards = [grpo.reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty) for r in records]
+        rewards = [grpo.reward(r, cfg.capacity, cfg.tau, lam, cfg.format_penalty, cfg.tool_cost) for r in records]
         if cfg.advantage == "rft":
             advs = grpo.rft_advantages(rewards)
         else:
@@ -699,8 +705,15 @@ def parse_args(argv=None):
     for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam", "muon_lr"):
         if getattr(cfg, name) < 0:
             ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.hint_share <= 1:
-        ap.error(f"--hint-share must lie in [0, 1], got {cfg.hint_share}")
+    for name in ("hint_share", "check_share"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            ap.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+    try:
+        tools = P.parse_tools(cfg.tools)
+    except ValueError as e:
+        ap.error(f"--tools: {e}")
+    if (cfg.check_share and "check" not in tools) or cfg.tool_cost < 0:
+        ap.error("--check-share needs --tools check, and --tool-cost must be >= 0")
     if cfg.dtype not in ("float32", "bfloat16"):
         ap.error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean", "rft"):

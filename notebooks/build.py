@@ -1,7 +1,7 @@
 """
 Build the course notebooks from this file, so they read (and diff) as Python source.
 
-    python notebooks/build.py              # write the four .ipynb files, without outputs
+    python notebooks/build.py              # write the five .ipynb files, without outputs
     python notebooks/build.py --execute    # ... and run them top to bottom, saving the outputs
     python notebooks/build.py --execute 2  # only notebooks whose name starts with "2"
 
@@ -1319,12 +1319,132 @@ EXPERIMENTS = [
     """),
 ]
 
+# =============================================================================
+# 5. Beyond the paper
+
+BEYOND = [
+    md("""
+    # 5. Beyond the paper: tool workers
+
+    The paper ends with directions it did not build. This notebook shows the one that is built
+    here: **heterogeneous workers**. A forked sub-query may go to a *tool* instead of the model,
+    named by a prefix in the sub-query, and the tool's answer comes back at `<JOIN-i>` exactly like a
+    worker's takeaway:
+
+        <FORK-3>calc: 12*9+4</FORK-3> ... <JOIN-3>112</JOIN-3>
+        <FORK-4>check: 12*2-5</FORK-4> ... <JOIN-4>ok</JOIN-4>
+
+    * `calc` computes an expression exactly (fractions, never Python's `eval`);
+    * `check` runs the episode's own verifier on a proposed answer: "ok" or "no: the reason".
+
+    Nothing else changes: the protocol, the executor's five phases, the critical path and the
+    record are the ones of notebooks 1 and 2.
+    """),
+    SETUP,
+    code("""
+    import protocol as P, tools
+    row = {"task": "countdown", "numbers": [1, 2, 5, 8, 11, 12], "target": 19, "k": 4}
+    for name, argument in [("calc", "12*9+4"), ("calc", "7/2"), ("calc", "1/0"), ("calc", "__import__('os')"),
+                           ("check", "12*2-5"), ("check", "12+8-2"), ("check", "12*2-5*1")]:
+        print(f"{name}: {argument:<18} -> {tools.run_tool(name, argument, row)}")
+    print(P.tool_call("check: 12*2-5", ("calc", "check")), P.tool_call("12 8 of 1 2 5 8 11 12 to 19", P.TOOLS))
+    """),
+    md("""
+    A malformed request is not an exception: it is an answer (`error: ...`) that the organizer reads,
+    as a person reads a calculator's "E". The executor can never be crashed by what a model writes
+    into a sub-query (the fuzz tests send it random token streams with tool calls in them).
+
+    ## A tool inside an episode
+
+    A random model cannot be trusted to call a tool, so we script the organizer as in notebook 2:
+    it forks a worker on a pair, checks the worker's find with the `check` tool, and answers. The
+    executor runs with `tools=("check",)`; without it, the same sub-query would go to a model worker.
+    """),
+    code("""
+    import torch
+    import asyncthink as A, executor as E
+    from model import GPT, GPTConfig
+
+    tok = P.Tokenizer.bytes_level()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", tok.n_vocab)).eval()
+    organizer = "<FORK-1>12 2 of 1 2 5 8 11 12 to 19</FORK-1>hmm<JOIN-1><FORK-2>check: 12*2-5</FORK-2><JOIN-2><ANSWER>12*2-5</ANSWER>"
+    script = {0: tok.encode(organizer), 1: tok.encode("12*2=24 24-19=5 ok<RETURN>12*2-5</RETURN>")}
+
+    def force(episode, thread):
+        s = script[thread.fork_id]
+        return s[thread.generated] if thread.generated < len(s) else None
+
+    cfg = E.RunConfig(mode="async", capacity=3, batch_episodes=1, temperature=0, tools=("check",))
+    episode = E.Executor(model, tok, cfg).run([row], force=force)[0]
+    rec = A.record(episode, tok, cfg)
+    print(rec["trace"]["organizer"])
+    print("tool calls:", rec["tool_calls"], "| workers:", rec["trace"]["workers"])
+    print(A.show_timeline(rec))
+    """),
+    md("""
+    Read the timeline: worker 1 decodes for many steps; the tool (`worker 2 (check)`) is active in
+    **one** step, the one after its fork (`protocol.TOOL_STEPS = 1`), so the organizer's `<JOIN-2>`
+    never waits for it. A tool takes no KV-cache slot (it decodes nothing), but it holds one of the
+    pool's c − 1 places until it is joined, like any worker. The executor's steps and the protocol's
+    reference agree exactly, as they do for model workers:
+    """),
+    code("""
+    %matplotlib inline
+    import matplotlib.pyplot as plt
+    from course import gantt
+
+    traj = A.trajectory(episode, tok, cfg)
+    spans = P.timeline(traj)
+    for s in spans:
+        print(f"{s.name:<10} forked at {s.fork_step:>3}, finished at {s.finish:>3}, active {s.active}")
+    assert rec["latency"] == P.critical_path(traj)
+    gantt(rec["trace"]["timeline"], f"a worker and a check tool (latency {rec['latency']} steps)")
+    plt.show()
+    """),
+    md("""
+    ## Traces that check
+
+    `python train.py --stage sft --tools check --check-share 0.5` writes half of the async countdown
+    traces (those without a plan) with a check of every expression a worker returned; the tally keeps
+    only what the tool calls `ok`. The solvers' workers are always right, so in those traces a fifth
+    of the workers that found something return a wrong variant instead (one number off by one, the
+    small model's usual mistake); their own threads are not trained on, but the organizer learns
+    what a `no` means: leave it out.
+    """),
+    code("""
+    import random, traces
+    puzzle = {"task": "countdown", "numbers": [2, 3, 6, 8, 11, 12], "target": 23, "k": 4}
+    for seed in range(40):  # the first trace in which a worker returned a mistake
+        trace = traces.make_trace(puzzle, "async", random.Random(seed), 4, hint_share=0.0, check_share=1.0)
+        if any(answer != "ok" for answer in trace.tools.values()):
+            break
+    print("".join(text for text, _ in trace.organizer))
+    """),
+    md("""
+    What checking costs and buys, measured (BENCHMARKS.md, "Tool workers"): the organizer's trace
+    grows by about 160 tokens and its critical path by a fifth; the model trained on such traces is
+    compared with one trained without, on the same 500 test puzzles.
+
+    ## Exercises
+
+    1. **calc for the workers.** Workers cannot fork (depth 1). Write traces where the organizer
+       uses `calc` to compute a distance a worker would otherwise compute, and measure with
+       `traces.py stats` what that does to latency.
+    2. **The price of a call.** Train RL from a checking model with `--tool-cost 0.02` and with 0:
+       does it learn to skip checks of expressions that are always right (e.g. "12+7" for 19)?
+    3. **Another tool.** Add a tool to `tools.py` (say `left: 2 5 8` → the numbers of the question
+       not in the list) and to `protocol.TOOLS`. Which of the worker's errors would it remove?
+    """),
+]
+
 
 NOTEBOOKS = {
     "1_protocol": PROTOCOL,
     "2_executor": EXECUTOR,
     "3_training": TRAINING,
     "4_experiments": EXPERIMENTS,
+    "5_beyond": BEYOND,
 }
 
 

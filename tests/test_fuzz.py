@@ -438,12 +438,16 @@ chunk = st.one_of(
     texts,
     st.builds(lambda i, q: [FORK[i]] + q + [FORK_END[i]], fork_id, texts),  # a fork
     st.builds(lambda i, q: [FORK[i]] + q, fork_id, texts),                  # left open
+    st.builds(lambda i, name, q: [FORK[i]] + list(f"{name}: ".encode()) + q + [FORK_END[i]],
+              fork_id, st.sampled_from(P.TOOLS), texts),                    # a tool call
     fork_id.map(lambda i: [JOIN[i]]),                                       # known or not
     texts.map(lambda q: [tok.answer] + q + [tok.answer_end]),              # garbage or not
     texts.map(lambda q: [tok.ret] + q + [tok.ret_end]),
     st.sampled_from(TAGS).map(lambda t: [t]),  # any tag anywhere: </JOIN-i>, <PAD>, <ORGANIZER>...
 )
 stream = st.lists(chunk, max_size=10).map(lambda cs: [t for c in cs for t in c])
+sub_query = st.one_of(texts, st.builds(lambda name, q: list(f"{name}: ".encode()) + q,  # maybe a tool's
+                                       st.sampled_from(P.TOOLS), texts))
 random_script = st.fixed_dictionaries({
     "organizer": stream, "workers": st.lists(stream, min_size=tok.max_forks, max_size=tok.max_forks),
     "tail": st.sampled_from(["text", "model"])})
@@ -460,7 +464,7 @@ def perturbed_script(draw, capacity):
     organizer = []
     for action in P.sample_plan(random.Random(seed), n_forks, c):
         i = int(action[1:])
-        organizer += draw(thought) + ([FORK[i]] + draw(texts) + [FORK_END[i]] if action[0] == "F"
+        organizer += draw(thought) + ([FORK[i]] + draw(sub_query) + [FORK_END[i]] if action[0] == "F"
                                       else [JOIN[i]])
     answer = draw(st.lists(st.sampled_from(list(b"12+")), max_size=4))
     organizer += draw(thought) + [tok.answer] + answer + [tok.answer_end]
@@ -497,7 +501,8 @@ def run_configs(draw):
                        max_worker_tokens=pick(30, 30, 30, 8, 3, 1),
                        max_episode_tokens=pick(150, 150, 150, 40, 10, 1),
                        max_steps=pick(300, 300, 15), max_len=pick(128, 256),
-                       temperature=pick(0.0, 1.0), top_k=pick(None, 3), seed=draw(st.integers(0, 3)))
+                       temperature=pick(0.0, 1.0), top_k=pick(None, 3), seed=draw(st.integers(0, 3)),
+                       tools=pick((), P.TOOLS))
 
 
 @st.composite
@@ -541,6 +546,30 @@ def test_forced_streams_never_break_the_executor(case):
             assert got[:len(want)] == want[:len(got)]
             if s["tail"] == "text":
                 assert all(t == FILLER for t in got[len(want):])
+
+
+def test_tool_calls_keep_the_protocols_timing_exactly():
+    """Valid trajectories whose forks go to a tool or to a model worker at random: every episode
+    answers, and the executor's steps equal protocol.timeline's exactly (check_timing)."""
+    rng = random.Random(7)
+    scripts = []
+    for _ in range(32):
+        organizer = []
+        for action in P.sample_plan(rng, rng.randint(1, tok.max_forks), 4):
+            i = int(action[1:])
+            organizer += list(b"ab"[:rng.randint(0, 2)])
+            query = rng.choice([b"calc: 2+3", b"check: 12+7", b"calc: 1/0", b"q"])
+            organizer += [FORK[i]] + list(query) + [FORK_END[i]] if action[0] == "F" else [JOIN[i]]
+        organizer += [tok.answer] + list(b"1+2") + [tok.answer_end]
+        workers = [list(b"xyz"[:rng.randint(0, 3)]) + [tok.ret, ord("7"), tok.ret_end] for _ in range(tok.max_forks)]
+        scripts.append({"organizer": organizer, "workers": workers, "tail": "text"})
+    cfg = E.RunConfig(capacity=4, tools=P.TOOLS, batch_episodes=8, max_organizer_tokens=300,
+                      max_worker_tokens=20, max_episode_tokens=1000)
+    rows = [row for row in ROWS if row["task"] == "countdown"][:len(scripts)]
+    episodes, records, exact = run(GrammarModel(0, 4), cfg, rows, forcer(scripts))
+    assert all(rec["stop_reason"] == "answer" and rec["format_errors"] == [] for rec in records)
+    assert exact == len(scripts)
+    assert sum(rec["tool_calls"] for rec in records) > 20
 
 
 @pytest.mark.skipif(not LONG, reason="long mode only (ASYNCTHINK_FUZZ=long)")

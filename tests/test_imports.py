@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     {"cli"},  # no project imports
     {"protocol", "tasks", "model", "muon"},
-    {"traces", "compare"},
+    {"tools", "compare"},
+    {"traces"},
     {"executor"},
     {"asyncthink"},
     {"grpo", "diagnose", "bench"},

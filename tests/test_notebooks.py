@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
-NAMES = ["1_protocol", "2_executor", "3_training", "4_experiments"]
+NAMES = ["1_protocol", "2_executor", "3_training", "4_experiments", "5_beyond"]
 
 
 def load_build():

@@ -98,6 +98,9 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--advantage", "best", "--advantage zscore, mean or rft"),
     ("--organizer-weight", "0", "--organizer-weight must be positive"),
     ("--muon-lr", "-0.1", "--muon-lr must be >= 0"),
+    ("--tools", "calc,search", "--tools: unknown tool 'search'"),
+    ("--check-share", "0.5", "--check-share needs --tools check"),
+    ("--check-share", "1.5", "--check-share must lie in [0, 1]"),
 ])
 def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
