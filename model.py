@@ -56,14 +56,15 @@ class GPTConfig:
 # small is sized for a 15-minute CPU budget, where the model sees only a few million tokens:
 # at equal wall time n_embd 128 (1.6x the steps) beat 192 (SFT loss 0.088 vs 0.140, distance
 # arithmetic 82% vs 63% right; BENCHMARKS.md). A bigger model needs a bigger budget.
-# small also has smear (GPT.embed): at 3,500 steps it gained 36 and 13 points of >=1 on two seeds
-# (paired, 500 puzzles; BENCHMARKS.md) for one 128 x 128 matrix. medium is not measured with it yet.
+# small also has smear 2 (GPT.embed: the two tokens before each input, two 128 x 128 maps): the
+# largest accuracy gain measured at this budget, on two seeds (BENCHMARKS.md "Smear 2"); medium
+# is not measured with it yet.
 # The trained presets use rotary positions: AsyncThink threads copy numbers from their prompt
 # and from joined results, and copying needs "look k tokens back" heads, which rotary gives
 # for free and a learned table must learn at every position (measured in BENCHMARKS.md).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, rope=True, smear=True),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, rope=True, smear=2),
     "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048, rope=True),
 }
 
