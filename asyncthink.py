@@ -147,12 +147,14 @@ def load_model(path, device="cpu"):
     return model.to(device), tok
 
 
-def saved_tools(path):
-    """The tools a checkpoint's model was trained to call (train.py --tools); () for others."""
+def trained_with(path):
+    """The TrainConfig a checkpoint was trained with, as a dict ({} for a GPT-2 folder or an
+    `init` checkpoint): `solve` runs the tools it learned to call (--tools) and states the
+    capacity in the prompt if it learned to read it (--capacities)."""
     if os.path.isdir(path):
-        return ()
+        return {}
     _, ckpt = load_checkpoint(path)
-    return P.parse_tools(ckpt.get("train_config", {}).get("tools", ""))
+    return ckpt.get("train_config", {})
 
 
 def pick_device(name="auto"):
@@ -300,8 +302,14 @@ def main(argv=None):
         if not rows:
             raise ValueError(f"{args.input}: no puzzles")
         model, tok = load_model(args.ckpt, pick_device(args.device))
+        trained = trained_with(args.ckpt)
         if args.tools is None:
-            cfg.tools = saved_tools(args.ckpt)
+            cfg.tools = P.parse_tools(trained.get("tools", ""))
+        if trained.get("capacities") and cfg.mode == "async":
+            lo, hi = P.capacity_range(trained["capacities"])
+            if not lo <= cfg.capacity <= hi:
+                raise ValueError(f"{args.ckpt} was trained for capacities {lo}-{hi}, not --capacity {cfg.capacity}")
+            cfg.state_capacity = True
         # Records go to OUTPUT.partial as their episodes end (in the order they end), and become
         # OUTPUT, in row order, when all are done: a killed run keeps its finished episodes in
         # the .partial file, and an existing OUTPUT is replaced only by a complete one.

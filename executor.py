@@ -102,6 +102,7 @@ class RunConfig:
     n_slots: int | None = None       # KV cache slots (default batch_episodes * capacity)
     max_len: int | None = None       # tokens per slot (default the model's block_size)
     tools: tuple = ()                # tools a fork may call, e.g. ("calc", "check"): tools.py
+    state_capacity: bool = False     # async: the organizer's prompt states c (train.py --capacities)
 
     def check(self):
         if self.mode not in MODES:
@@ -206,7 +207,8 @@ class Executor:
     def start(self, rows, force=None):
         """Reset the cache and the run's state: every row becomes a pending episode."""
         # a row may carry a plan: {"plan": "F1 F2 J1 ..."} (see protocol.organizer_prompt)
-        prompt = lambda row: self.tok.encode(P.organizer_prompt(P.question_text(row), row.get("plan")))
+        stated = self.cfg.capacity if self.cfg.state_capacity and self.cfg.mode == "async" else None
+        prompt = lambda row: self.tok.encode(P.organizer_prompt(P.question_text(row), row.get("plan"), stated))
         self.pending = [Episode(i, row, prompt(row)) for i, row in enumerate(rows)][::-1]  # pop() takes the first
         self.active, self.finished = [], []  # episodes in flight; episodes ended
         self.queue = []                      # threads waiting for a slot, first come first served

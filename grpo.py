@@ -247,6 +247,6 @@ def rollout(model, tok, cfg, rows, seed):
     run = E.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows),
-                      tools=P.parse_tools(cfg.tools))
+                      tools=P.parse_tools(cfg.tools), state_capacity=bool(cfg.capacities))
     episodes = E.Executor(model, tok, run).run(rows)
     return episodes, [A.record(ep, tok, run) for ep in episodes]

@@ -234,9 +234,24 @@ def question_text(row):
     raise ValueError(f"unknown task {row.get('task')!r}")
 
 
-def organizer_prompt(question, hint=None):
-    """The organizer's prompt; `hint` is an optional plan, e.g. 'F1 F2 J1 F3 J2 J3'."""
-    return f"{ORGANIZER}{question}\n" + (f"plan {hint}\n" if hint else "")
+def organizer_prompt(question, hint=None, capacity=None):
+    r"""The organizer's prompt; `hint` is an optional plan, e.g. 'F1 F2 J1 F3 J2 J3'; `capacity`,
+    when given, states the pool's c, so one model can be run at any c it was trained for.
+
+    >>> organizer_prompt("countdown 4 of 1 2 5 8 11 12 to 19", capacity=6)
+    '<ORGANIZER>countdown 4 of 1 2 5 8 11 12 to 19\ncapacity 6\n'
+    """
+    return (f"{ORGANIZER}{question}\n" + (f"capacity {capacity}\n" if capacity else "")
+            + (f"plan {hint}\n" if hint else ""))
+
+
+def capacity_range(text):
+    """The capacities a model was trained to read: capacity_range("2-16") -> (2, 16); a ValueError
+    unless 2 <= lo <= hi <= 16."""
+    lo, sep, hi = text.partition("-")
+    if not (sep and lo.isdigit() and hi.isdigit() and 2 <= int(lo) <= int(hi) <= 16):
+        raise ValueError(f"--capacities must be LO-HI with 2 <= LO <= HI <= 16, got {text!r}")
+    return int(lo), int(hi)
 
 
 def worker_prompt(sub_query):

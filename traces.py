@@ -354,14 +354,14 @@ def countdown_search(numbers, target, k, pairs):
 
 
 def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5,
-                    check_share=0.0):
+                    check_share=0.0, state_capacity=False):
     """Sequential: all pairs in order in one thread. Parallel: N workers each do that search
     on the whole question in their own random order, the organizer answers the union. Async:
     one worker per pair, at most c-1 at once, stop forking at k. With check_share, that share
     of the async traces without a plan hand every returned expression to the check tool
     (check_calls) and tally only those it calls "ok"; in those, WRONG_SHARE of the workers that
     found something return a wrong variant instead (and are not trained on), so the organizer
-    sees what a "no" means."""
+    sees what a "no" means. state_capacity: the async prompt states c ("capacity 6")."""
     numbers, target, k = row["numbers"], row["target"], row["k"]
     question = P.question_text(row)
     pairs = pairs_in_order(numbers)[:P.MAX_FORKS]
@@ -389,7 +389,8 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
     actions = None
     if rng.random() < hint_share:
         actions = P.sample_plan(rng, rng.randint(2, min(8, len(pairs))), capacity)
-    org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None))
+    org = Organizer(P.organizer_prompt(question, " ".join(actions) if actions else None,
+                                       capacity if state_capacity else None))
     found, checks = {}, iter(range(P.MAX_FORKS, len(pairs), -1)) if actions is None and rng.random() < check_share else None
 
     def on_fork(i):
@@ -475,7 +476,7 @@ def sudoku_search(grid, rng, budget=16):
 
 
 def sudoku_trace(row, mode, rng: random.Random, capacity=4, budget=16, n_parallel=None,
-                 hint_share=0.5):
+                 hint_share=0.5, state_capacity=False):
     grid = row["puzzle"]
     question = P.question_text(row)
     if mode == "sequential":
@@ -500,7 +501,7 @@ def sudoku_trace(row, mode, rng: random.Random, capacity=4, budget=16, n_paralle
     if mode != "async":
         raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
     # Rounds: fork a worker per row with blanks (at most capacity-1 at once), join, merge.
-    org, next_id = Organizer(P.organizer_prompt(question)), 1
+    org, next_id = Organizer(P.organizer_prompt(question, capacity=capacity if state_capacity else None)), 1
     for _ in range(budget):
         rows = [r for r in range(4) if "." in grid[r * 4:r * 4 + 4]]
         if not rows or next_id + len(rows) > P.MAX_FORKS + 1:

@@ -104,6 +104,9 @@ class TrainConfig:
     tools: str = ""                 # e.g. "check" or "calc,check": what rollouts and evaluations run
     check_share: float = 0.0        # share of async countdown traces that check each find (needs check)
     tool_cost: float = 0.0          # RL: reward minus this per tool call (0: calls are free)
+    # capacity as an input: "2-16" writes each async trace for a c drawn from 2..16, stated in the
+    # organizer's prompt ("capacity 6"), so `solve --capacity c` runs one model at any c in range
+    capacities: str = ""            # "" (default): traces for --capacity only, c not stated
     from_scratch: bool = False      # RL without SFT (ablation)
     max_organizer_tokens: int = 900
     max_worker_tokens: int = 320
@@ -151,7 +154,10 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
     for _ in range(n_episodes):
         row = new_puzzle(cfg, task_of(cfg, rng), rng)
         checks = dict(check_share=cfg.check_share) if row["task"] == "countdown" and cfg.check_share else {}
-        trace = traces.make_trace(row, cfg.mode, rng, cfg.capacity, hint_share=cfg.hint_share, **checks)
+        capacity, stated = cfg.capacity, {}
+        if cfg.capacities and cfg.mode == "async":
+            capacity, stated = rng.randint(*P.capacity_range(cfg.capacities)), dict(state_capacity=True)
+        trace = traces.make_trace(row, cfg.mode, rng, capacity, hint_share=cfg.hint_share, **checks, **stated)
         for j, (ids, mask) in enumerate(trace.sequences(tok)):
             w = cfg.organizer_weight if j == 0 else 1.0
             seqs.append((ids[:block_size + 1], [w * m for m in mask[:block_size + 1]]))
@@ -263,7 +269,7 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
                       temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
                       max_organizer_tokens=cfg.max_organizer_tokens,
                       max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n),
-                      tools=P.parse_tools(cfg.tools))
+                      tools=P.parse_tools(cfg.tools), state_capacity=bool(cfg.capacities))
     records = A.solve(model, tok, rows, run, progress=False)
     model.train()
     return {f"eval_{key}": value for key, value in A.metrics(records).items()}
@@ -712,6 +718,13 @@ def parse_args(argv=None):
         tools = P.parse_tools(cfg.tools)
     except ValueError as e:
         ap.error(f"--tools: {e}")
+    if cfg.capacities:
+        try:
+            lo, hi = P.capacity_range(cfg.capacities)
+        except ValueError as e:
+            ap.error(str(e))
+        if not lo <= cfg.capacity <= hi:
+            ap.error(f"--capacity {cfg.capacity} (evaluation, RL) must lie in --capacities {cfg.capacities}")
     if (cfg.check_share and "check" not in tools) or cfg.tool_cost < 0:
         ap.error("--check-share needs --tools check, and --tool-cost must be >= 0")
     if cfg.dtype not in ("float32", "bfloat16"):
