@@ -157,6 +157,19 @@ def trained_with(path):
     return ckpt.get("train_config", {})
 
 
+def as_trained(cfg: RunConfig, trained, path, tools_given=False):
+    """Run a checkpoint as it was trained: the tools it learned to call (unless --tools was
+    given), and, if it learned to read c in its prompt, c stated there (a c outside the range it
+    was trained for raises a one-line ValueError)."""
+    if not tools_given:
+        cfg.tools = P.parse_tools(trained.get("tools", ""))
+    if trained.get("capacities") and cfg.mode == "async":
+        lo, hi = P.capacity_range(trained["capacities"])
+        if not lo <= cfg.capacity <= hi:
+            raise ValueError(f"{path} was trained for capacities {lo}-{hi}, not --capacity {cfg.capacity}")
+        cfg.state_capacity = True
+
+
 def pick_device(name="auto"):
     if name == "auto":
         if torch.cuda.is_available():
@@ -302,14 +315,7 @@ def main(argv=None):
         if not rows:
             raise ValueError(f"{args.input}: no puzzles")
         model, tok = load_model(args.ckpt, pick_device(args.device))
-        trained = trained_with(args.ckpt)
-        if args.tools is None:
-            cfg.tools = P.parse_tools(trained.get("tools", ""))
-        if trained.get("capacities") and cfg.mode == "async":
-            lo, hi = P.capacity_range(trained["capacities"])
-            if not lo <= cfg.capacity <= hi:
-                raise ValueError(f"{args.ckpt} was trained for capacities {lo}-{hi}, not --capacity {cfg.capacity}")
-            cfg.state_capacity = True
+        as_trained(cfg, trained_with(args.ckpt), args.ckpt, tools_given=args.tools is not None)
         # Records go to OUTPUT.partial as their episodes end (in the order they end), and become
         # OUTPUT, in row order, when all are done: a killed run keeps its finished episodes in
         # the .partial file, and an existing OUTPUT is replaced only by a complete one.

@@ -702,40 +702,45 @@ def parse_args(argv=None):
     if cfg.mode == "parallel" and args.max_worker_tokens is None:
         # a parallel worker thinks through the whole question, as long as a sequential thinker
         cfg.max_worker_tokens = cfg.max_organizer_tokens
+    check_flags(cfg, ap.error)
+    return cfg
+
+
+def check_flags(cfg, error):
+    """Every value a flag may not take: error(message) (argparse's: one line, exit 2)."""
     if cfg.sft_steps < 0 or cfg.sft_minutes <= 0:
-        ap.error("--sft-steps must be >= 0 (0: fill --sft-minutes) and --sft-minutes > 0")
+        error("--sft-steps must be >= 0 (0: fill --sft-minutes) and --sft-minutes > 0")
     for name in ("sft_episodes", "micro_tokens", "rl_steps", "questions", "group",
                  "inner_updates", "eval_n", "ckpt_every", "organizer_weight"):
         if getattr(cfg, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be positive")
+            error(f"--{name.replace('_', '-')} must be positive")
     for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam", "muon_lr"):
         if getattr(cfg, name) < 0:
-            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+            error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     for name in ("hint_share", "check_share"):
         if not 0 <= getattr(cfg, name) <= 1:
-            ap.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+            error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
     try:
         tools = P.parse_tools(cfg.tools)
     except ValueError as e:
-        ap.error(f"--tools: {e}")
+        error(f"--tools: {e}")
     if cfg.capacities:
         try:
             lo, hi = P.capacity_range(cfg.capacities)
         except ValueError as e:
-            ap.error(str(e))
+            error(str(e))
         if not lo <= cfg.capacity <= hi:
-            ap.error(f"--capacity {cfg.capacity} (evaluation, RL) must lie in --capacities {cfg.capacities}")
+            error(f"--capacity {cfg.capacity} (evaluation, RL) must lie in --capacities {cfg.capacities}")
     if (cfg.check_share and "check" not in tools) or cfg.tool_cost < 0:
-        ap.error("--check-share needs --tools check, and --tool-cost must be >= 0")
+        error("--check-share needs --tools check, and --tool-cost must be >= 0")
     if cfg.dtype not in ("float32", "bfloat16"):
-        ap.error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+        error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean", "rft"):
-        ap.error("--credit must be shared or thread, and --advantage zscore, mean or rft")
+        error("--credit must be shared or thread, and --advantage zscore, mean or rft")
     if cfg.number_init not in ("fourier", "random"):
-        ap.error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
+        error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":
-        ap.error("--capacity must be >= 2 for parallel and async modes")
-    return cfg
+        error("--capacity must be >= 2 for parallel and async modes")
 
 
 def main(argv=None):
