@@ -325,11 +325,12 @@ def main(argv=None):
             with open(args.episodes) as fh:
                 records = [json.loads(line) for line in fh if line.strip()]
             countdown = [r for r in records if r.get("task") == "countdown"]
-            print(funnel_table(episode_funnel(countdown)))
-            print(divergence_table(worker_divergence(countdown, P.Tokenizer.numbers())))
+            tables = [funnel_table(episode_funnel(countdown)),
+                      divergence_table(worker_divergence(countdown, P.Tokenizer.numbers()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return cli.fail("diagnose.py", f"{args.episodes} is not a file asyncthink.py solve wrote "
                                            f"({type(e).__name__}: {e})")
+        print("\n".join(tables))  # outside the try: a closed pipe (| head) is not a bad file
         return 0
     if not args.ckpt:
         ap.error("give --ckpt (a checkpoint) or --episodes (a solve output)")
