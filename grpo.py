@@ -242,11 +242,17 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None, temperature=1.0):
     return loss, kl, stats
 
 
+def run_config(cfg, **kw):
+    """The executor's RunConfig for a training config (train.TrainConfig): its mode, capacity,
+    token limits, tools and stated capacity; kw sets or overrides the rest (temperature, seed...)."""
+    return E.RunConfig(**{**dict(mode=cfg.mode, capacity=cfg.capacity,
+                                 max_organizer_tokens=cfg.max_organizer_tokens,
+                                 max_worker_tokens=cfg.max_worker_tokens, tools=P.parse_tools(cfg.tools),
+                                 state_capacity=bool(cfg.capacities)), **kw})
+
+
 def rollout(model, tok, cfg, rows, seed):
     """G structures per question with the batched executor; rows are already grouped."""
-    run = E.RunConfig(mode=cfg.mode, capacity=cfg.capacity, temperature=cfg.temperature, seed=seed,
-                      max_organizer_tokens=cfg.max_organizer_tokens,
-                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=len(rows),
-                      tools=P.parse_tools(cfg.tools), state_capacity=bool(cfg.capacities))
+    run = run_config(cfg, temperature=cfg.temperature, seed=seed, batch_episodes=len(rows))
     episodes = E.Executor(model, tok, run).run(rows)
     return episodes, [A.record(ep, tok, run) for ep in episodes]

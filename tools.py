@@ -20,8 +20,6 @@ organizer reads ("error: ..."), a check's reason is cut to MAX_OUTPUT; no reques
 malformed, raises.
 """
 
-from fractions import Fraction
-
 import tasks
 
 MAX_INPUT = 100   # characters of a tool's argument
@@ -31,7 +29,7 @@ MAX_OUTPUT = 60   # characters of a tool's answer (long products would otherwise
 def calc(expression):
     """The exact value: calc("12*9+4") -> "112", calc("7/2") -> "7/2", calc("1/0") -> "error: ..."."""
     try:
-        value = Fraction(tasks.exact_value(expression))
+        value = tasks.exact_value(expression)  # a Fraction
     except ValueError as e:
         return f"error: {e}"
     text = str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"

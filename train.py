@@ -265,11 +265,8 @@ def evaluate(model, tok, cfg, n, seed=1234, mode=None):
     mode = mode or cfg.mode
     # Parallel thinking is N independent samples of one question: greedy workers would all
     # write the same text, so they sample (seeded, reproducible).
-    run = E.RunConfig(mode=mode, capacity=cfg.capacity, seed=seed,
-                      temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0,
-                      max_organizer_tokens=cfg.max_organizer_tokens,
-                      max_worker_tokens=cfg.max_worker_tokens, batch_episodes=min(32, n),
-                      tools=P.parse_tools(cfg.tools), state_capacity=bool(cfg.capacities))
+    run = grpo.run_config(cfg, mode=mode, seed=seed, batch_episodes=min(32, n),
+                          temperature=cfg.eval_parallel_temperature if mode == "parallel" else 0.0)
     records = A.solve(model, tok, rows, run, progress=False)
     model.train()
     return {f"eval_{key}": value for key, value in A.metrics(records).items()}
