@@ -38,6 +38,8 @@ solve` wrote and follows each answer from the worker that found it to the organi
 
 (an example output: read it as "the workers rarely find k answers, the organizer rarely copies
 what they found, and a wrong find starts most often at a distance"; BENCHMARKS.md keeps the runs).
+Then the organizer's running list: how often each tally and the answer copy the list before them
+exactly, by its length ("3 items   tally 150 of 308 (49%)   answer 12 of 56 (21%)").
 Last, every async worker's text is compared with the one the solver writes for its sub-query,
 and the first token where they part is named by kind (a distance result, a verdict, a copy).
 """
@@ -272,6 +274,39 @@ def worker_divergence(records, tok):
     return f
 
 
+TALLY = re.compile(r"</JOIN-\d+> ok (.*)\n")  # "<JOIN-3>12+5+2</JOIN-3> ok 12+8-1, 12+5+2"
+ANSWERED = re.compile(r"<ANSWER>(.*?)</ANSWER>", re.S)
+
+
+def list_copies(records):
+    """How faithfully the organizer copies its running list (traces.tally): every "ok" tally
+    starts with a copy of the list before it, and the answer copies the last one. A Counter of
+    ("tally" | "answer", items in the list copied) -> [copies, exact copies]. Copying the list
+    ["12+8-1", "12+5+2"] into "ok 12+8-1, 12+5+2, 12*2-5" is one exact 2-item tally copy."""
+    f = defaultdict(lambda: [0, 0])
+    for r in records:
+        if r["format_errors"] or r.get("mode") != "async":
+            continue
+        org = r["trace"]["organizer"]
+        lists = [m.split(P.ANSWER_SEPARATOR) for m in TALLY.findall(org)]
+        for before, now in zip(lists, lists[1:]):
+            f["tally", len(before)][0] += 1
+            f["tally", len(before)][1] += now[:len(before)] == before
+        answer = ANSWERED.search(org)
+        if lists and answer:
+            f["answer", len(lists[-1])][0] += 1
+            f["answer", len(lists[-1])][1] += answer[1].split(P.ANSWER_SEPARATOR) == lists[-1]
+    return f
+
+
+def copies_table(f):
+    cell = lambda key: f"{f[key][1]} of {f[key][0]} ({100 * f[key][1] / f[key][0]:.0f}%)" if f[key][0] else "-"
+    sizes = sorted({n for _, n in f})
+    return "\n".join(["the organizer's list copied exactly, by its items (into the next tally / the answer):",
+                      *(f"    {n:2d} items   tally {cell(('tally', n)):18s}  answer {cell(('answer', n))}"
+                        for n in sizes)])
+
+
 def funnel_table(f):
     share = lambda a, b: f"{100 * f[a] / max(1, f[b]):.0f}%"
     return "\n".join([
@@ -326,6 +361,7 @@ def main(argv=None):
                 records = [json.loads(line) for line in fh if line.strip()]
             countdown = [r for r in records if r.get("task") == "countdown"]
             tables = [funnel_table(episode_funnel(countdown)),
+                      copies_table(list_copies(countdown)),
                       divergence_table(worker_divergence(countdown, P.Tokenizer.numbers()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return cli.fail("diagnose.py", f"{args.episodes} is not a file asyncthink.py solve wrote "

@@ -109,6 +109,19 @@ def test_episode_funnel_counts_by_hand():
     assert "of them correct 2 (50%)" in diagnose.funnel_table(diagnose.episode_funnel(records))
 
 
+def test_list_copies_count_by_hand():
+    org = ("<JOIN-1>12+8-1</JOIN-1> ok 12+8-1\n"                  # the first list: nothing copied
+           "<JOIN-2>12+5+2</JOIN-2> ok 12+8-1, 12+5+2\n"          # 1-item copy, exact
+           "<JOIN-3>none</JOIN-3> no\n"
+           "<JOIN-4>12*2-5</JOIN-4> ok 12+8-1, 12+8-1, 12*2-5\n"  # 2-item copy, not exact
+           "<ANSWER>12+8-1, 12+8-1, 12*2-5</ANSWER>")              # 3-item answer copy, exact
+    record = dict(task="countdown", mode="async", format_errors=[], trace={"organizer": org, "workers": {}})
+    broken = dict(record, format_errors=["missing-answer: x"])    # not counted
+    f = diagnose.list_copies([record, broken])
+    assert dict(f) == {("tally", 1): [1, 1], ("tally", 2): [1, 0], ("answer", 3): [1, 1]}
+    assert "2 items   tally 0 of 1 (0%)" in diagnose.copies_table(f)
+
+
 def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "countdown"}\n')
