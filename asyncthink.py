@@ -15,11 +15,13 @@ and the command line:
     python asyncthink.py solve --ckpt runs/countdown-async/rl.pt --input test.jsonl --output out.jsonl
     python asyncthink.py init --out random.pt        # a random checkpoint, to try the executor
     python asyncthink.py compare A.jsonl B.jsonl     # paired comparison (compare.py)
+    python asyncthink.py chat --human organizer      # a person in the organization (chat.py)
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -304,9 +306,13 @@ def main(argv=None):
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)
+    sub.add_parser("chat", help="a person as organizer or worker beside the model (runs chat.py)", add_help=False)
     argv = argv if argv is not None else sys.argv[1:]
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["chat"]:  # chat.py imports this file: it runs as its own process, imports stay one-way
+        chat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.py")
+        return subprocess.call([sys.executable, chat, *argv[1:]])
     args = ap.parse_args(argv)
     try:
         if args.command == "init":
