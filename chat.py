@@ -10,20 +10,29 @@ protocol says a thread must be a model. `python chat.py` lets a person be one:
                         sub-query on the terminal, and the person's `return <takeaway>` becomes
                         that worker's <RETURN>; the model's other threads keep decoding meanwhile
 
-A session (the person organizes, the workers are rl.pt; `> ` lines are the person's):
+A session (the person organizes, the workers are a trained small checkpoint; `> ` lines are
+the person's, scripted input, so each arrives 8 decode steps after the one before):
 
     question> countdown 2 of 3 4 5 6 9 10 to 25
-    > fork 9 10 of 3 4 5 6 9 10 to 25
-    forked worker 1: 9 10 of 3 4 5 6 9 10 to 25
-    > fork 5 6 of 3 4 5 6 9 10 to 25
-    forked worker 2: 5 6 of 3 4 5 6 9 10 to 25
+    > fork 10 9 of 3 4 5 6 9 10 to 25
+    forked worker 1: 10 9 of 3 4 5 6 9 10 to 25
+    > fork 10 6 of 3 4 5 6 9 10 to 25
+    forked worker 2: 10 6 of 3 4 5 6 9 10 to 25
+    > fork 5 4 of 3 4 5 6 9 10 to 25
+    forked worker 3: 5 4 of 3 4 5 6 9 10 to 25
     > join 1
     worker 1 is still thinking: waiting for it
-    worker 1 returned (step 61): 9+10+6, ...
+    worker 1 returned (step 83): 10+9+6
+    worker 3 returned (step 84): none
+    joined worker 1: 10+9+6
     > join 2
-    ...
-    > answer 9+10+6, 5*6-9+4
-    the organizer answers: 9+10+6, 5*6-9+4  (verifier: 9+10+6 ok; 5*6-9+4 ok: 2 of 2 correct)
+    worker 2 is still thinking: waiting for it
+    worker 2 returned (step 103): 10+6+4+5
+    joined worker 2: 10+6+4+5
+    > join 3
+    joined worker 3: none
+    > answer 10+9+6, 10+6+4+5
+    the organizer answers: 10+9+6, 10+6+4+5  (verifier: 10+9+6 ok; 10+6+4+5 ok: 2 of 2 correct)
 
 The organizer's thread is written exactly as a model organizer's would be
 (`<FORK-1>9 10 of ...</FORK-1>`, `<JOIN-1>takeaway</JOIN-1>`, `<ANSWER>...</ANSWER>`), so the
@@ -345,6 +354,8 @@ class Session:
             running = ", ".join(map(str, sorted(org.outstanding))) or "none"
             return self.hint(f"join which worker? forked and not joined: {running}")
         i = int(text)
+        while org.children[i].tool and org.children[i].finish_step > self.ex.clock:
+            self.ex.step()  # a tool answers within the step after its fork (protocol.TOOL_STEPS)
         self.join_at[i] = self.ex.clock
         self.write([self.tok.tag_id("join", i)])
         org.outstanding.discard(i)

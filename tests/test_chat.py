@@ -242,3 +242,17 @@ def test_a_live_terminal_is_read_without_blocking(gpt):
     rec = s.record()
     assert rec["correct"] and rec["trace"]["organizer"].endswith("<JOIN-1>1+2</JOIN-1><ANSWER>1+2</ANSWER>")
     assert [e["line"] for e in rec["chat"]] == ["fork 1 2 to 3", "join 1", "answer 1+2"]
+
+
+def test_a_person_may_call_a_tool_and_its_answer_takes_its_step(gpt):
+    out = []
+    cfg = E.RunConfig(capacity=4, temperature=0.0, batch_episodes=1, tools=("calc", "check"))
+    s = chat.Session(gpt, tok, cfg, ROW, "organizer", say=out.append, steps_per_line=0)
+    rec = talk(s, ["fork calc: 12*9+4", "join 1", "fork check: 2+1", "join 2", "answer 2+1"])
+    assert "<JOIN-1>112</JOIN-1>" in rec["trace"]["organizer"] and "<JOIN-2>ok</JOIN-2>" in rec["trace"]["organizer"]
+    assert rec["tool_calls"] == 2 and rec["tokens"] == 0 and rec["correct"]
+    # nothing decodes, so each join waits exactly the tool's one step (protocol.TOOL_STEPS)
+    rows = {r["thread"]: r for r in rec["trace"]["timeline"]}
+    assert (rows["worker 1 (calc)"]["fork_step"], rows["worker 1 (calc)"]["join_step"]) == (0, 1)
+    assert (rows["worker 2 (check)"]["fork_step"], rows["worker 2 (check)"]["join_step"]) == (1, 2)
+    assert rec["latency"] == 2
