@@ -15,11 +15,13 @@ and the command line:
     python asyncthink.py solve --ckpt runs/countdown-async/rl.pt --input test.jsonl --output out.jsonl
     python asyncthink.py init --out random.pt        # a random checkpoint, to try the executor
     python asyncthink.py compare A.jsonl B.jsonl     # paired comparison (compare.py)
+    python asyncthink.py chat --human organizer      # a person in the organization (chat.py)
 """
 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -40,7 +42,8 @@ def trajectory(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     """protocol.parse of what the episode produced (the executor knows which tokens it injected)."""
     org = ep.organizer
     workers = {i: w.out for i, w in org.children.items()}
-    return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=ep.row["task"], injected=org.injected,
+    task = ep.row["task"] if ep.row["task"] in tasks.TASKS else None  # a chat's free question: unverified
+    return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=task, injected=org.injected,
                    tools=cfg.tools)
 
 
@@ -53,6 +56,8 @@ def score(row, answers):
     >>> score(row, ["1+2", "2+1", "3*1", "3/1"])   # 2+1 is 1+2 again; 3*1 is past the first k
     (1, False)
     """
+    if row["task"] not in tasks.TASKS:  # a chat's free question: nothing to verify it with
+        return 0, False
     if row["task"] == "countdown":
         n = tasks.score_countdown(answers[:row["k"]], row["numbers"], row["target"])
         return n, n >= row["k"]
@@ -71,6 +76,8 @@ def timeline_rows(ep: Episode):
         rows.append(dict(thread=name, fork_step=rel(th.fork_step), start=rel(th.start_step),
                          finish=rel(th.finish_step), join_step=rel(th.join_step), tokens=th.generated,
                          active=[(rel(a), rel(b)) for a, b in th.active]))
+        if th.human:  # a person's thread (chat.py): active is the steps it was not waiting
+            rows[-1]["human"] = True
     return rows
 
 
@@ -111,7 +118,8 @@ def show_timeline(rec, width=72):
     col = lambda step: min(width - 1, int((step - 1) * scale)) if step else 0
     lines = [f"latency {rec['latency']} steps (critical path), eta {rec['concurrency']:.2f}, "
              f"{rec['tokens']} tokens, errors: {', '.join(rec['format_errors']) or 'none'}"]
-    n, width_name = col(T) + 1, max(10, max(len(r["thread"]) for r in rows))
+    label = lambda r: r["thread"] + (" (human)" if r.get("human") else "")
+    n, width_name = col(T) + 1, max(10, max(len(label(r)) for r in rows))
     for r in rows:
         cells = [" "] * n
         if r["active"]:  # waiting between its first and last decode shows as '.'
@@ -125,7 +133,7 @@ def show_timeline(rec, width=72):
                 cells[col(r["fork_step"])] = "F"
             if r["join_step"]:
                 cells[col(r["join_step"])] = "J"
-        lines.append(f"{r['thread']:<{width_name}}|{''.join(cells)}|")
+        lines.append(f"{label(r):<{width_name}}|{''.join(cells)}|")
     return "\n".join(lines)
 
 
@@ -298,9 +306,13 @@ def main(argv=None):
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)
+    sub.add_parser("chat", help="a person as organizer or worker beside the model (runs chat.py)", add_help=False)
     argv = argv if argv is not None else sys.argv[1:]
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["chat"]:  # chat.py imports this file: it runs as its own process, imports stay one-way
+        chat = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat.py")
+        return subprocess.call([sys.executable, chat, *argv[1:]])
     args = ap.parse_args(argv)
     try:
         if args.command == "init":

@@ -66,9 +66,10 @@ PARALLEL_TEMPERATURE = 0.5  # greedy evaluation, except parallel workers: greedy
                             # write the same text from the same question
 
 # A thread's states:  QUEUED -> RUNNING <-> WAITING -> DONE, or STOPPED when its episode ends
-# first; a parallel-mode organizer is PARALLEL from the start (it never decodes) until DONE.
-QUEUED, RUNNING, WAITING, PARALLEL, DONE, STOPPED = \
-    "queued", "running", "waiting", "parallel", "done", "stopped"
+# first; a parallel-mode organizer is PARALLEL from the start (it never decodes) until DONE; a
+# thread a person plays (chat.py) is HUMAN <-> WAITING -> DONE: no slot, never decodes.
+QUEUED, RUNNING, WAITING, PARALLEL, DONE, STOPPED, HUMAN = \
+    "queued", "running", "waiting", "parallel", "done", "stopped", "human"
 
 # Why an episode stopped (Episode.stop_reason). Only ANSWERED is a normal end; each of the others
 # leaves the format error that protocol.parse names in the record (in brackets).
@@ -154,6 +155,7 @@ class Thread:
         self.fork_step, self.start_step, self.finish_step, self.join_step = fork_step, None, None, None
         self.active = []  # [(first_step, last_step)] runs of consecutive decode steps
         self.tool = None  # a tool worker's tool name (Executor.call_tool)
+        self.human = False  # a person plays this thread (chat.py): see HUMAN
 
     def inject(self, ids):
         self.out += ids
@@ -186,6 +188,7 @@ class Executor:
         self.n_slots = cfg.n_slots or cfg.batch_episodes * cfg.capacity
         self.cache = model.new_cache(self.n_slots, cfg.max_len)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.ask_person = None  # chat.py: ask_person(parent, i, sub_query) -> True gives fork i to a person
         self.start([])
 
     @torch.no_grad()
@@ -239,6 +242,8 @@ class Executor:
             self.active.append(ep)
             if self.cfg.mode == "parallel":
                 self.fork_parallel(ep)  # its organizer never decodes: no slot
+            elif ep.organizer.human:  # a person organizes (chat.py): no slot either
+                ep.organizer.state, ep.organizer.start_step = HUMAN, self.clock
             else:
                 self.queue.insert(0, ep.organizer)  # new organizers go first
         while self.queue and self.free_slots:
@@ -404,6 +409,8 @@ class Executor:
 
     def fits(self, th, extra=0):
         """Whether th's slot can take its pending tokens, `extra` more, and one more sample."""
+        if th.slot is None:  # a person's thread: not in the cache
+            return True
         return int(self.cache.lengths[th.slot]) + len(th.feed) + extra + 1 <= self.cache.max_len
 
     def fork_worker(self, parent, i):
@@ -412,6 +419,8 @@ class Executor:
         call = P.tool_call(self.tok.decode(parent.query), self.cfg.tools) if self.cfg.tools else None
         if call is not None:
             return self.call_tool(parent, i, *call)
+        if self.ask_person is not None and self.ask_person(parent, i, self.tok.decode(parent.query)):
+            return self.person_worker(parent, i)
         # P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text
         prompt = [self.tok.worker] + parent.query + self.tok.encode("\n")
         if len(prompt) + 1 > self.cache.max_len:
@@ -431,6 +440,15 @@ class Executor:
         worker.state, worker.start_step = DONE, self.clock
         worker.finish_step = self.clock + P.TOOL_STEPS
         worker.active = [(self.clock + 1, self.clock + P.TOOL_STEPS)]
+        parent.children[i] = worker
+        parent.episode.threads.append(worker)
+
+    def person_worker(self, parent, i):
+        """Worker i is a person (chat.py routes it with `ask_person`): HUMAN, no slot, nothing
+        decoded, until chat.py writes the person's <RETURN> and calls finish()."""
+        worker = Thread(parent.episode, "worker", i, [self.tok.worker] + parent.query + self.tok.encode("\n"),
+                        parent, fork_step=self.clock)
+        worker.feed, worker.human, worker.state, worker.start_step = [], True, HUMAN, self.clock
         parent.children[i] = worker
         parent.episode.threads.append(worker)
 
@@ -455,7 +473,7 @@ class Executor:
             return self.end(th.episode, ANSWERED)
         parent = th.parent
         if parent.state == WAITING and parent.waiting_on == th.fork_id:
-            parent.state, parent.waiting_on = RUNNING, None
+            parent.state, parent.waiting_on = HUMAN if parent.human else RUNNING, None
             self.join_worker(parent, th.fork_id)
         elif parent.state == PARALLEL and all(w.state == DONE for w in parent.children.values()):
             self.aggregate(parent)

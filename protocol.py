@@ -231,6 +231,8 @@ def question_text(row):
         return f"countdown {row['k']} of {' '.join(map(str, row['numbers']))} to {row['target']}"
     if row["task"] == "sudoku":
         return f"sudoku {row['puzzle']}"
+    if row["task"] == "question":  # a person's free question (chat.py): asked as typed
+        return row["question"]
     raise ValueError(f"unknown task {row.get('task')!r}")
 
 

@@ -14,7 +14,7 @@ LAYERS = [
     {"traces"},
     {"executor"},
     {"asyncthink"},
-    {"grpo", "diagnose", "bench"},
+    {"grpo", "diagnose", "bench", "chat"},
     {"train"},
     {"experiments", "bench_train"},
 ]
