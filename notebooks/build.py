@@ -1426,6 +1426,47 @@ BEYOND = [
     grows by about 160 tokens and its critical path by a fifth; the model trained on such traces is
     compared with one trained without, on the same 500 test puzzles.
 
+    ## A person in the organization
+
+    Nothing in the protocol says a thread must be a model. `python chat.py --human organizer` lets a
+    person organize: the person types `fork <sub-query>`, `join <i>`, `answer <text>`, and model workers
+    decode while the person types (`--human worker` is the other way round: the model organizes, and
+    forks routed to the person wait for the person's `return <takeaway>`). The person's lines are
+    written into the organizer's thread exactly as a model organizer writes them, so the session is an
+    ordinary record: parsed, verified and drawn like any other.
+
+    Below, a scripted session (chat.py's tests do the same): the two workers write scripted tokens, so
+    the timing can be counted by hand; each of the person's lines arrives 4 decode steps after the one
+    before, and `join 1` waits until worker 1 returns.
+    """),
+    code("""
+    import chat
+
+    def worker_script(n_think, result):
+        return tok.encode("w" * n_think) + [tok.ret] + tok.encode(result) + [tok.ret_end]
+
+    scripts = {1: worker_script(30, "12*2-5"), 2: worker_script(8, "none")}
+    def force_workers(episode, thread):
+        s = scripts.get(thread.fork_id, [])
+        return s[thread.generated] if thread.generated < len(s) else None
+
+    cfg = E.RunConfig(capacity=4, temperature=0.0, batch_episodes=1)
+    session = chat.Session(model, tok, cfg, row, "organizer", steps_per_line=4, force=force_workers)
+    chat.converse(session, chat.Script(["fork 12 2 of 1 2 5 8 11 12 to 19", "fork 11 8 of 1 2 5 8 11 12 to 19",
+                                        "join 1", "join 2", "answer 12*2-5"]))
+    rec = session.record()
+    print(rec["trace"]["organizer"])
+    print("the person's lines (decode step, line):", [(e["step"], e["line"]) for e in rec["chat"]])
+    print("correct:", rec["correct"], "| latency", rec["latency"], "| eta", rec["concurrency"])
+    print(A.show_timeline(rec))
+    """),
+    md("""
+    The organizer's row is the person's: active while typing, idle (`.`) while `join 1` waits for
+    worker 1; worker 2 had returned long before. Latency and η are counted on the same step clock as
+    for a model organizer, and `human_s` in the record keeps the person's wall-clock seconds beside
+    them. On a terminal, `python chat.py --ckpt runs/countdown-async/rl.pt --human organizer` is the
+    live version (README, "Humans in the organization").
+
     ## Exercises
 
     1. **calc for the workers.** Workers cannot fork (depth 1). Write traces where the organizer
