@@ -670,8 +670,8 @@ def schedule(organizer: ParsedThread):
                 finish_of[ev.id] = child_span[ev.id].finish
             elif ev.kind == "join":
                 t = max(t, finish_of.get(ev.id, t))
-                if ev.id in child_span:
-                    child_span[ev.id].join_step = t
+                if ev.id in child_span and thread.children[ev.id].result is not None:
+                    child_span[ev.id].join_step = t  # (a worker that never returned is never joined)
         if thread.generated > done:
             decode(thread.generated - done)
         span.finish = t
