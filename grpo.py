@@ -249,7 +249,7 @@ def run_config(cfg, **kw):
     run = {**dict(mode=cfg.mode, capacity=cfg.capacity, max_organizer_tokens=cfg.max_organizer_tokens,
                   max_worker_tokens=cfg.max_worker_tokens, tools=P.parse_tools(cfg.tools),
                   state_capacity=bool(cfg.capacities)), **kw}
-    run.setdefault("depth", getattr(cfg, "depth", 1) if run["mode"] == "async" else 1)
+    run.setdefault("depth", cfg.depth if run["mode"] == "async" else 1)
     return E.RunConfig(**run)
 
 

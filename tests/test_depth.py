@@ -173,3 +173,70 @@ def test_depth_needs_async_mode_and_a_slot_for_every_place():
     with pytest.raises(ValueError, match="n_slots"):
         E.RunConfig(depth=2, capacity=4, batch_episodes=4, n_slots=15).check()
     E.RunConfig(depth=2, capacity=4, batch_episodes=4, n_slots=16).check()
+
+
+# -----------------------------------------------------------------------------
+# Solver-written depth-2 traces: valid at every c, correct answers, and the executor replays
+# them with the protocol's timing
+
+import random  # noqa: E402
+
+import tasks  # noqa: E402
+import traces  # noqa: E402
+
+num = P.Tokenizer.numbers()
+
+
+@pytest.mark.parametrize("preset, capacity", [("small", 3), ("small", 4), ("small", 8), ("paper", 8), ("paper", 16)])
+def test_tree_traces_are_valid_and_right(preset, capacity):
+    rows = tasks.make_puzzles("countdown", preset, n=6, seed=3, split="train")
+    for row in rows:
+        trace = traces.make_trace(row, "async", random.Random(0), capacity, depth=2)
+        t = trace.parse(num, capacity)
+        assert t.errors == [] and t.answers == trace.answers  # pool_overflows included: none
+        assert tasks.score_countdown(t.answers, row["numbers"], row["target"]) == len(t.answers)
+        levels = {len(path.split(".")) for path in trace.workers}
+        assert levels == {1, 2}  # sub-organizers and their pair workers
+        # the shared pool by hand: at no step do more than c threads hold a place
+        spans = P.timeline(t)
+        for step in range(1, spans[0].finish + 1):
+            held = 1 + sum(s.fork_step <= step <= (s.join_step or 10**9) for s in spans[1:])
+            assert held <= capacity
+
+
+def test_tree_traces_reach_pairs_one_organizer_cannot():
+    """Paper preset: 66 pairs, one organizer's ids stop at 32; the tree tries more where the
+    answers are rare, and finds at least as many, always correct."""
+    rows = tasks.make_puzzles("countdown", "paper", n=8, seed=5, split="train")
+    deeper = 0
+    for row in rows:
+        flat = traces.make_trace(row, "async", random.Random(0), 8, hint_share=0.0)
+        tree = traces.make_trace(row, "async", random.Random(0), 8, depth=2)
+        pair_workers = [p for p in tree.workers if "." in p]
+        deeper += len(pair_workers) > P.MAX_FORKS
+        assert len(tree.answers) >= len(flat.answers)
+    assert deeper > 0
+
+
+def test_the_executor_replays_a_tree_trace_with_the_protocols_timing():
+    row = tasks.make_puzzles("countdown", "small", n=1, seed=7, split="train")[0]
+    trace = traces.make_trace(row, "async", random.Random(0), 4, depth=2)
+    scripts = {}
+    for path, pieces in [("", trace.organizer), *trace.workers.items()]:
+        ids, mask = traces.encode(pieces[1:], num)  # the model writes the trained tokens
+        scripts[path] = [t for t, m in zip(ids, mask) if m]
+    def force(ep, th):
+        s = scripts.get(th.path, [])
+        return s[th.generated] if th.generated < len(s) else num.pad
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", num.n_vocab, block_size=2048, n_layer=1))
+    cfg = E.RunConfig(capacity=4, depth=2, batch_episodes=1, max_organizer_tokens=2000,
+                      max_worker_tokens=2000, max_episode_tokens=20000, temperature=0)
+    (ep,) = E.Executor(model, num, cfg).run([row], force=force)
+    rec = A.record(ep, num, cfg)
+    want = trace.parse(num, 4)
+    assert rec["format_errors"] == [] and rec["answers"] == trace.answers
+    assert rec["latency"] == rec["steps"] == P.critical_path(want)
+    spans = {s.name: s for s in P.timeline(want)}
+    for r in rec["trace"]["timeline"]:
+        assert [tuple(a) for a in r["active"]] == spans[r["thread"]].active, r["thread"]

@@ -196,7 +196,8 @@ class GrammarModel(nn.Module):
         self.overflow, self.dup = rng.choice([0.0, 0.0, 0.05]), rng.choice([0.0, 0.05, 0.3])
         self.chaos = rng.choice([0.0, 0.0, 0.003, 0.03])
         self.text = list(b"0123456789") + list(b"abcdefgh +")
-        if depth > 1:  # recursion: how often a worker at level D forks anyway, or joins a foreign id
+        self.deep, self.foreign = 0.0, 0.0  # recursion: how often a worker at level D forks anyway,
+        if depth > 1:                       # or a sub-organizer joins an id that is not its own
             self.deep, self.foreign = rng.choice([0.0, 0.02, 0.1]), rng.choice([0.0, 0.02, 0.1])
 
     def new_cache(self, n_slots, max_len=None, device=None, dtype=None):
@@ -245,7 +246,7 @@ class GrammarModel(nn.Module):
             p[tok.ret] += self.ret
             if self.depth > 1:
                 p[FORK[1]] += self.deep
-            spread(self.text, 1 - self.ret - (self.depth > 1) * self.deep)
+            spread(self.text, 1 - self.ret - self.deep)
         else:  # the organizer, or a worker above level D: a sub-organizer
             w = {tok.answer: self.answer * (0.1 if s.outstanding else 1.0)} if s.role == "organizer" else \
                 {tok.ret: self.ret * (0.5 if s.outstanding else 1.0)}  # sometimes before its joins
