@@ -41,10 +41,10 @@ from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 def trajectory(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
     """protocol.parse of what the episode produced (the executor knows which tokens it injected)."""
     org = ep.organizer
-    workers = {i: w.out for i, w in org.children.items()}
+    workers = {w.path: w.out for w in ep.threads[1:]}  # "2", and "2.1" for worker 1 of worker 2
     task = ep.row["task"] if ep.row["task"] in tasks.TASKS else None  # a chat's free question: unverified
     return P.parse(org.out, workers, tok, cfg.pool_capacity(), task=task, injected=org.injected,
-                   tools=cfg.tools)
+                   tools=cfg.tools, depth=cfg.depth)
 
 
 def score(row, answers):
@@ -71,7 +71,7 @@ def timeline_rows(ep: Episode):
     rel = lambda s: None if s is None else max(0, s - ep.step0)
     rows = []
     for th in ep.threads:
-        name = "organizer" if th.role == "organizer" else f"worker {th.fork_id}"
+        name = "organizer" if th.role == "organizer" else f"worker {th.path}"
         name += f" ({th.tool})" if th.tool else ""
         rows.append(dict(thread=name, fork_step=rel(th.fork_step), start=rel(th.start_step),
                          finish=rel(th.finish_step), join_step=rel(th.join_step), tokens=th.generated,
@@ -79,6 +79,11 @@ def timeline_rows(ep: Episode):
         if th.human:  # a person's thread (chat.py): active is the steps it was not waiting
             rows[-1]["human"] = True
     return rows
+
+
+def path_key(th):
+    """Sort workers by path: 1, 1.1, 1.2, 2, ..., 10 (numbers, not strings)."""
+    return tuple(int(i) for i in th.path.split("."))
 
 
 def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
@@ -102,7 +107,7 @@ def record(ep: Episode, tok: P.Tokenizer, cfg: RunConfig):
             "steps": steps,
             "wall_s": round((ep.t_end or 0) - (ep.t_start or 0), 4),
             "trace": {"organizer": tok.decode(org.out),
-                      "workers": {str(i): tok.decode(w.out) for i, w in sorted(org.children.items())},
+                      "workers": {w.path: tok.decode(w.out) for w in sorted(ep.threads[1:], key=path_key)},
                       "timeline": timeline_rows(ep)}}
 
 
@@ -165,12 +170,16 @@ def trained_with(path):
     return ckpt.get("train_config", {})
 
 
-def as_trained(cfg: RunConfig, trained, path, tools_given=False):
+def as_trained(cfg: RunConfig, trained, path, tools_given=False, depth_given=False):
     """Run a checkpoint as it was trained: the tools it learned to call (unless --tools was
-    given), and, if it learned to read c in its prompt, c stated there (a c outside the range it
-    was trained for raises a one-line ValueError)."""
+    given), the depth it learned to organize at (unless --depth was given), and, if it learned
+    to read c in its prompt, c stated there (a c outside the range it was trained for raises a
+    one-line ValueError)."""
     if not tools_given:
         cfg.tools = P.parse_tools(trained.get("tools", ""))
+    if not depth_given and cfg.mode == "async":
+        cfg.depth = trained.get("depth", 1)
+        cfg.check()
     if trained.get("capacities") and cfg.mode == "async":
         lo, hi = P.capacity_range(trained["capacities"])
         if not lo <= cfg.capacity <= hi:
@@ -268,6 +277,9 @@ def add_run_flags(ap):
     ap.add_argument("--tools", type=tool_list, default=None,
                     help=f"tools a fork may call by prefix, comma-separated ({','.join(P.TOOLS)}; "
                          "tools.py); default: those the checkpoint was trained with ('' for none)")
+    ap.add_argument("--depth", type=int, default=None,
+                    help="async: D, workers down to level D may be forked, those above it fork "
+                         "their own (1: the paper's; default: the depth the checkpoint was trained at)")
 
 
 def tool_list(text):
@@ -287,7 +299,7 @@ def run_config(args):
                     max_organizer_tokens=args.max_organizer_tokens,
                     max_worker_tokens=args.max_worker_tokens,
                     max_episode_tokens=args.max_episode_tokens, max_steps=args.max_steps,
-                    batch_episodes=args.batch, tools=args.tools or ())
+                    batch_episodes=args.batch, tools=args.tools or (), depth=1 if args.depth is None else args.depth)
     cfg.check()
     return cfg
 
@@ -327,7 +339,8 @@ def main(argv=None):
         if not rows:
             raise ValueError(f"{args.input}: no puzzles")
         model, tok = load_model(args.ckpt, pick_device(args.device))
-        as_trained(cfg, trained_with(args.ckpt), args.ckpt, tools_given=args.tools is not None)
+        as_trained(cfg, trained_with(args.ckpt), args.ckpt, tools_given=args.tools is not None,
+                   depth_given=args.depth is not None)
         # Records go to OUTPUT.partial as their episodes end (in the order they end), and become
         # OUTPUT, in row order, when all are done: a killed run keeps its finished episodes in
         # the .partial file, and an existing OUTPUT is replaced only by a complete one.

@@ -34,6 +34,17 @@ length. If the global slot pool is full, a new worker waits in the queue for a f
 reported latency is still the protocol's critical path of the produced trajectory (the queue
 is a property of this machine, not of the thinking), and the record also reports real steps.
 
+Recursive organizers (RunConfig.depth D > 1, protocol.py): a worker below level D forks and
+joins with the same tags, so `advance`, `fork_worker`, `join_worker` and `finish` run for every
+thread, not only the organizer: a sub-organizer at <JOIN-i> is WAITING as an organizer is, and
+its worker's </RETURN> wakes it. A thread is named by its path ("2.1": worker 1 of worker 2).
+The pool c is one per episode, shared across levels: a fork that makes more than c threads
+hold it (the organizer, and each worker from its fork to its join) ends the episode with a pool
+overflow, checked as the fork closes. That rule reads steps, so at D > 1 nothing may wait for
+a cache slot: RunConfig.check asks n_slots >= batch_episodes * c, and since an episode never
+holds more threads than places, every thread gets a slot at once (no queue, no deadlock; a
+waiting thread only ever waits on its own subtree, so no cycle of waiting can form).
+
 Policy on format errors: the first one ends its episode at once (the trajectory is not
 executable; RL gives it the format penalty anyway), so no model output can raise, deadlock or
 run forever. The stop reasons below say why the executor stopped; the named format errors of
@@ -85,6 +96,9 @@ WORKER_LIMIT = "worker token limit"                      # [missing-return], ...
 EPISODE_LIMIT = "episode token limit"                    # [missing-answer], ...
 CONTEXT_FULL = "context full"                            # a slot of the cache is full
 MAX_STEPS = "max steps"                                  # RunConfig.max_steps decode steps
+TOO_DEEP = "fork past depth"                             # [too-deep] (depth > 1)
+FOREIGN_JOIN = "foreign join"                            # [foreign-join] (depth > 1)
+UNJOINED_RETURN = "return before its joins"              # [unjoined-return] (depth > 1)
 
 
 @dataclass
@@ -104,6 +118,7 @@ class RunConfig:
     max_len: int | None = None       # tokens per slot (default the model's block_size)
     tools: tuple = ()                # tools a fork may call, e.g. ("calc", "check"): tools.py
     state_capacity: bool = False     # async: the organizer's prompt states c (train.py --capacities)
+    depth: int = 1                   # D: workers down to level D; those above it may fork (1: the paper)
 
     def check(self):
         if self.mode not in MODES:
@@ -124,6 +139,11 @@ class RunConfig:
         least = 1 if self.mode == "sequential" else 2  # the organizer, and room for one worker
         if self.n_slots is not None and self.n_slots < least:
             raise ValueError(f"{self.mode} mode needs at least {least} cache slots")
+        if self.depth < 1 or (self.depth > 1 and self.mode != "async"):
+            raise ValueError(f"depth must be >= 1, and depth > 1 needs async mode (got {self.depth}, {self.mode})")
+        if self.depth > 1 and self.n_slots is not None and self.n_slots < self.batch_episodes * self.capacity:
+            raise ValueError(f"depth > 1 needs n_slots >= batch_episodes * capacity = "
+                             f"{self.batch_episodes * self.capacity}: no thread may wait for a slot")
 
     def pool_capacity(self):
         """c as the protocol counts it: 1 in sequential mode (the organizer alone), else capacity."""
@@ -141,6 +161,9 @@ class Thread:
 
     def __init__(self, episode, role, fork_id, prompt_ids, parent=None, fork_step=0):
         self.episode, self.role, self.fork_id, self.parent = episode, role, fork_id, parent
+        # level: 0 for the organizer, 1 for its workers, 2 for theirs; path: "" , "2", "2.1"
+        self.level = 0 if parent is None else parent.level + 1
+        self.path = "" if parent is None else f"{parent.path}.{fork_id}".lstrip(".")
         self.prompt = list(prompt_ids)
         # per output token: the id, whether the executor injected it, its log-prob (0 if injected)
         self.out, self.injected, self.logprobs = [], [], []
@@ -377,20 +400,23 @@ class Executor:
                 th.result.append(t)
         elif kind == "text":
             pass
-        elif th.role == "worker" and kind in ("fork", "join", "answer"):
+        elif th.role == "worker" and (kind == "answer" or kind in ("fork", "join") and cfg.depth == 1):
             return self.end(ep, WRONG_ROLE)
         elif th.role == "organizer" and kind == "return":
             return self.end(ep, WRONG_ROLE)
         elif kind in ("answer", "return"):
             th.in_result = True
         elif kind == "fork":
-            if i in th.forked or len(th.outstanding) >= cfg.pool_capacity() - 1:
+            if th.level >= cfg.depth:
+                return self.end(ep, TOO_DEEP)
+            # depth 1: the organizer's own c-1 workers; deeper, the shared pool (fork_worker)
+            if i in th.forked or (cfg.depth == 1 and len(th.outstanding) >= cfg.pool_capacity() - 1):
                 return self.end(ep, DUPLICATE_OR_OVERFLOW)
             th.forked.add(i); th.outstanding.add(i)
             th.open_fork, th.query = i, []
         elif kind == "join":
             if i not in th.outstanding:
-                return self.end(ep, UNKNOWN_JOIN)
+                return self.end(ep, FOREIGN_JOIN if self.foreign(th, i) else UNKNOWN_JOIN)
             th.outstanding.discard(i)
             self.join_worker(th, i)
         else:
@@ -406,6 +432,20 @@ class Executor:
             self.end(ep, ORGANIZER_LIMIT if th.role == "organizer" else WORKER_LIMIT)
         elif not self.fits(th):
             self.end(ep, CONTEXT_FULL)
+
+    def foreign(self, th, i):
+        """Whether <JOIN-i> in th names a worker its parent or a sibling forked, not one of its
+        own (protocol.stray_join_errors, the same rule on the whole tree)."""
+        if th.parent is None or i in th.children:
+            return False
+        return any(i in t.children for t in [th.parent, *th.parent.children.values()] if t is not th)
+
+    def overflows(self, ep):
+        """Depth > 1, as a fork closes: do more than c threads hold the episode's pool now? The
+        organizer and every worker from its fork to its join (a join in this very step still
+        holds its place: protocol.pool_overflows)."""
+        held = 1 + sum(1 for w in ep.threads[1:] if w.join_step is None or w.join_step >= self.clock)
+        return self.cfg.depth > 1 and held > self.cfg.capacity
 
     def fits(self, th, extra=0):
         """Whether th's slot can take its pending tokens, `extra` more, and one more sample."""
@@ -429,6 +469,8 @@ class Executor:
         parent.children[i] = worker
         parent.episode.threads.append(worker)
         self.queue.append(worker)
+        if self.overflows(parent.episode):
+            self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
 
     def call_tool(self, parent, i, name, argument):
         """Worker i is a tool: it answers during the next step (P.TOOL_STEPS) and is DONE from
@@ -442,6 +484,8 @@ class Executor:
         worker.active = [(self.clock + 1, self.clock + P.TOOL_STEPS)]
         parent.children[i] = worker
         parent.episode.threads.append(worker)
+        if self.overflows(parent.episode):
+            self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
 
     def person_worker(self, parent, i):
         """Worker i is a person (chat.py routes it with `ask_person`): HUMAN, no slot, nothing
@@ -451,6 +495,8 @@ class Executor:
         worker.feed, worker.human, worker.state, worker.start_step = [], True, HUMAN, self.clock
         parent.children[i] = worker
         parent.episode.threads.append(worker)
+        if self.overflows(parent.episode):
+            self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
 
     def join_worker(self, th, i):
         """<JOIN-i> was decoded: continue with the takeaway now, or wait for worker i."""
@@ -471,6 +517,8 @@ class Executor:
         self.release(th)
         if th.role == "organizer":
             return self.end(th.episode, ANSWERED)
+        if th.outstanding:  # depth > 1: a sub-organizer returned before joining all its workers
+            return self.end(th.episode, UNJOINED_RETURN)
         parent = th.parent
         if parent.state == WAITING and parent.waiting_on == th.fork_id:
             parent.state, parent.waiting_on = HUMAN if parent.human else RUNNING, None

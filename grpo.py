@@ -244,11 +244,13 @@ def policy_loss(logits, y, old, adv, clip_eps, ref_logp=None, temperature=1.0):
 
 def run_config(cfg, **kw):
     """The executor's RunConfig for a training config (train.TrainConfig): its mode, capacity,
-    token limits, tools and stated capacity; kw sets or overrides the rest (temperature, seed...)."""
-    return E.RunConfig(**{**dict(mode=cfg.mode, capacity=cfg.capacity,
-                                 max_organizer_tokens=cfg.max_organizer_tokens,
-                                 max_worker_tokens=cfg.max_worker_tokens, tools=P.parse_tools(cfg.tools),
-                                 state_capacity=bool(cfg.capacities)), **kw})
+    token limits, tools, stated capacity and depth (async only); kw sets or overrides the rest
+    (temperature, seed...)."""
+    run = {**dict(mode=cfg.mode, capacity=cfg.capacity, max_organizer_tokens=cfg.max_organizer_tokens,
+                  max_worker_tokens=cfg.max_worker_tokens, tools=P.parse_tools(cfg.tools),
+                  state_capacity=bool(cfg.capacities)), **kw}
+    run.setdefault("depth", cfg.depth if run["mode"] == "async" else 1)
+    return E.RunConfig(**run)
 
 
 def rollout(model, tok, cfg, rows, seed):

@@ -24,6 +24,24 @@ Every tag is ONE special token, so the executor drives its state machine from to
 list of NAMED format errors. From the events, `timeline` computes the reference latency (decode
 steps on the critical path; injected tokens are free) and the thinking concurrency eta.
 
+Recursive organization (`depth` D, default 1 = the paper). At D > 1 a worker may organize too:
+it forks its own workers with the same <FORK-i>/<JOIN-i> tags inside its own thread, up to level
+D (the organizer is level 0, its workers level 1, theirs level 2). Fork ids are scoped to the
+thread that forked them, so a sub-worker is named by its PATH: "2.1" is worker 1 of worker 2 of
+the organizer (records and timelines call it "worker 2.1"). A sub-organizer that <JOIN>s waits
+exactly as the organizer does, so a join waits on a whole subtree. Worked example, D = 2:
+
+    organizer     <FORK-1>9 of 2 3 9 to 30</FORK-1><JOIN-1>9+3*7</JOIN-1><ANSWER>9+3*7</ANSWER>
+    worker 1      <FORK-1>9 3 of ...</FORK-1><FORK-2>9 2 of ...</FORK-2><JOIN-1>..<JOIN-2>..
+                  <RETURN>9+3*7</RETURN>
+    worker 1.1    ... <RETURN>9+3*7</RETURN>
+
+The pool capacity c counts ONE shared pool across levels: the organizer plus every worker, at
+any level, from the step its fork closes to the step its parent's join completes. A fork that
+would make c + 1 is a pool overflow, as at depth 1 (there the rule is the organizer's own c - 1
+outstanding workers; at D > 1 it depends on when other threads fork and join, so `parse` checks
+it on the timeline: `pool_overflows`). A full pool never queues a fork: it is a format error.
+
 The default tokenizer (`Tokenizer.numbers`) has a token for each byte, one for each run of 1-3
 digits ("12"), one for each word the traces use, then the protocol's special tokens;
 `Tokenizer.bytes_level` keeps only the bytes (every digit one token). `load_gpt2_tokenizer` reads
@@ -310,6 +328,12 @@ MISSING_ANSWER = "missing-answer"    # an organizer without <ANSWER>...</ANSWER>
 BAD_ANSWER = "bad-answer"            # an answer that does not parse for the task
 ERROR_NAMES = (DUPLICATE_ID, POOL_OVERFLOW, UNKNOWN_JOIN, UNJOINED_FORK, WRONG_ROLE,
                UNCLOSED_FORK, STRAY_TAG, MISSING_RETURN, MISSING_ANSWER, BAD_ANSWER)
+# Depth D > 1 only (recursive organizers; at depth 1 a fork or join in a worker is wrong-role):
+TOO_DEEP = "too-deep"                # a fork in a worker at level D: its workers would be level D+1
+FOREIGN_JOIN = "foreign-join"        # <JOIN-i> of a worker that is not this thread's own: an id its
+                                     # parent or a sibling forked (ids are scoped to their thread)
+UNJOINED_RETURN = "unjoined-return"  # a worker's </RETURN> while some of its own workers are unjoined
+DEPTH_ERROR_NAMES = (TOO_DEEP, FOREIGN_JOIN, UNJOINED_RETURN)
 
 
 @dataclass
@@ -329,6 +353,8 @@ class ParsedThread:
     sub_queries: dict = field(default_factory=dict)  # fork id -> sub-query text
     result: str | None = None                     # the <ANSWER> or <RETURN> text
     children: dict = field(default_factory=dict)  # fork id -> ParsedThread (the workers it forked)
+    stray_joins: list = field(default_factory=list)  # depth > 1: ids joined that were not its own
+                                                     # running workers (parse names them later)
 
 
 def injected_by_joins(ids, tok: Tokenizer):
@@ -345,10 +371,13 @@ def injected_by_joins(ids, tok: Tokenizer):
     return mask
 
 
-def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
+def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None, level=0, depth=1):
     """Parse one thread's output ids (prompt excluded) into a ParsedThread, appending named errors.
     `injected` marks the tokens the executor wrote (default: `injected_by_joins`); they are
-    not decode steps, but tags among them still act (parallel mode injects its forks)."""
+    not decode steps, but tags among them still act (parallel mode injects its forks).
+    `level` is the thread's level (organizer 0), `depth` the D it runs at: at D > 1 a worker
+    below level D forks and joins like the organizer, and the pool and the joins that are not
+    its own are checked by `parse`, which sees the whole tree."""
     th = ParsedThread(role)
     forked, outstanding = set(), set()
     open_fork, query = None, []   # inside <FORK-i> ... </FORK-i>
@@ -381,18 +410,20 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
             break
         if kind == "text" or (was_injected and kind == "join_end"):
             continue  # thinking text, or a join's injected takeaway and closing tag
-        if error := wrong_role(kind, role):
+        if error := wrong_role(kind, role, level, depth):
             errors.append(error)
             continue
         if kind == "fork":
             if i in forked:
                 errors.append(f"{DUPLICATE_ID}: <FORK-{i}> used twice")
-            elif len(outstanding) >= capacity - 1:
+            elif depth == 1 and len(outstanding) >= capacity - 1:
                 errors.append(f"{POOL_OVERFLOW}: <FORK-{i}> while {len(outstanding)} workers run (c={capacity})")
             forked.add(i); outstanding.add(i)
             open_fork, query = i, []
         elif kind == "join":
-            if i not in outstanding:
+            if i not in outstanding and depth > 1:
+                th.stray_joins.append(i)  # unknown or foreign: that needs the parent (stray_join_errors)
+            elif i not in outstanding:
                 errors.append(f"{UNKNOWN_JOIN}: <JOIN-{i}> of a worker not running")
             else:
                 th.events.append(Event("join", i, th.generated))
@@ -405,13 +436,16 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None):
     return th
 
 
-def wrong_role(kind, role):
-    """The error for a tag this role may not write, else None: workers fork, join and answer
-    nothing; the organizer returns nothing."""
-    if kind in ("fork", "join", "answer") and role == "worker":
+def wrong_role(kind, role, level=0, depth=1):
+    """The error for a tag this thread may not write, else None: a worker answers nothing (and
+    at depth 1, the paper's, forks and joins nothing); the organizer returns nothing; at depth
+    D > 1 a worker at level D forks nothing (too deep)."""
+    if role == "worker" and (kind == "answer" or kind in ("fork", "join") and depth == 1):
         return f"{WRONG_ROLE}: {kind} tag in a worker"
     if kind == "return" and role == "organizer":
         return f"{WRONG_ROLE}: <RETURN> in the organizer"
+    if kind == "fork" and level >= depth:
+        return f"{TOO_DEEP}: a fork at level {level} (depth {depth})"
     return None
 
 
@@ -424,6 +458,9 @@ def end_of_thread_errors(th, open_fork, outstanding):
     if th.result is None:
         errors.append(f"{MISSING_ANSWER}: no <ANSWER>...</ANSWER>" if th.role == "organizer"
                       else f"{MISSING_RETURN}: no <RETURN>...</RETURN>")
+    elif outstanding and th.role == "worker":
+        errors.append(f"{UNJOINED_RETURN}: " + ", ".join(f"<FORK-{i}>" for i in sorted(outstanding))
+                      + " not joined before the return")
     elif outstanding:
         errors.append(f"{UNJOINED_FORK}: " + ", ".join(f"<FORK-{i}>" for i in sorted(outstanding))
                       + " not joined before the answer")
@@ -438,23 +475,24 @@ class Trajectory:
 
 
 def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None, injected=None,
-          tools=()):
+          tools=(), depth=1):
     """Parse a whole trajectory: the organizer's output ids (injected join results included) and
-    each worker's output ids by fork id. Prompts are not part of the ids. `injected` optionally
+    each worker's output ids by path: fork id i (or "i") for the organizer's worker i, "i.j" for
+    worker j of worker i (depth > 1). Prompts are not part of the ids. `injected` optionally
     marks the organizer's injected tokens (the executor knows them exactly).
 
     Workers are attached to the fork that started them; a worker whose fork never closed is
     ignored. A fork that calls one of `tools` (tool_call) has the tool's answer as its ids.
-    With `task` ('countdown' or 'sudoku') the answer must parse for that task.
+    With `task` ('countdown' or 'sudoku') the answer must parse for that task. At depth > 1 the
+    joins that were not a thread's own (stray_join_errors) and the shared pool (pool_overflows)
+    are checked on the whole tree.
     """
     errors = []
-    org = parse_thread(organizer_ids, tok, "organizer", capacity, errors, injected)
-    for ev in org.events:
-        if ev.kind == "fork" and ev.id in worker_ids:
-            if tool_call(org.sub_queries[ev.id], tools):
-                org.children[ev.id] = tool_thread(worker_ids[ev.id], tok)
-            else:
-                org.children[ev.id] = parse_thread(worker_ids[ev.id], tok, "worker", capacity, errors)
+    org = parse_thread(organizer_ids, tok, "organizer", capacity, errors, injected, depth=depth)
+    by_path = {str(path): ids for path, ids in worker_ids.items()}
+    attach_workers(org, "", by_path, tok, capacity, errors, tools, depth)
+    if depth > 1:
+        errors += stray_join_errors(org) + pool_overflows(schedule(org), capacity)
     answers = []
     if org.result is not None and task is not None:
         answers = parse_answer(org.result, task)
@@ -464,10 +502,44 @@ def parse(organizer_ids, worker_ids: dict, tok: Tokenizer, capacity=4, task=None
     return Trajectory(org, errors, answers)
 
 
-def parse_text(organizer_text, worker_texts: dict, tok: Tokenizer, capacity=4, task=None, tools=()):
-    """`parse` for hand-written text (tests, notebooks)."""
+def attach_workers(th, path, by_path, tok, capacity, errors, tools, depth, level=0):
+    """Parse the workers th forked (found in by_path under path.i) and theirs, depth first."""
+    for ev in th.events:
+        key = f"{path}.{ev.id}" if path else str(ev.id)
+        if ev.kind != "fork" or key not in by_path:
+            continue
+        if tool_call(th.sub_queries[ev.id], tools):
+            th.children[ev.id] = tool_thread(by_path[key], tok)
+            continue
+        child = parse_thread(by_path[key], tok, "worker", capacity, errors, level=level + 1, depth=depth)
+        th.children[ev.id] = child
+        attach_workers(child, key, by_path, tok, capacity, errors, tools, depth, level + 1)
+
+
+def stray_join_errors(th, parent=None):
+    """Name each join of an id that was not one of th's running workers (depth > 1), through
+    the whole tree: foreign-join if th never forked that id but its parent or a sibling did (ids
+    are scoped: <JOIN-2> in worker 1 means worker 1's own worker 2, never the organizer's),
+    else unknown-join (an id nobody near forked, or one th already joined)."""
+    errors = []
+    near = set()
+    if parent is not None:
+        near = set(parent.sub_queries).union(*(set(s.sub_queries) for s in parent.children.values() if s is not th))
+    for i in th.stray_joins:
+        if i not in th.sub_queries and i in near:
+            errors.append(f"{FOREIGN_JOIN}: <JOIN-{i}> of a worker its parent or a sibling forked")
+        else:
+            errors.append(f"{UNKNOWN_JOIN}: <JOIN-{i}> of a worker not running")
+    for child in th.children.values():
+        errors += stray_join_errors(child, th)
+    return errors
+
+
+def parse_text(organizer_text, worker_texts: dict, tok: Tokenizer, capacity=4, task=None, tools=(),
+               depth=1):
+    """`parse` for hand-written text (tests, notebooks); worker_texts by path (1, "1", "1.2")."""
     return parse(tok.encode(organizer_text), {i: tok.encode(t) for i, t in worker_texts.items()},
-                 tok, capacity, task, tools=tools)
+                 tok, capacity, task, tools=tools, depth=depth)
 
 
 def error_names(errors):
@@ -563,7 +635,19 @@ def timeline(traj: Trajectory):
     injected tokens cost nothing. Worked example: the organizer forks at its token 3, joins at
     token 5 and ends at token 8; the worker has 10 tokens. Worker: steps 4..13. Organizer: steps
     1..5, waits, 14..16. Latency 16; active thread-steps 8 + 10 = 18; eta = 18/16.
+
+    Recursively (depth > 1) nothing changes: a sub-organizer schedules its own workers the same
+    way, and its finish, which a join of it waits for, comes after its own joins: a join waits
+    on the whole subtree. Worked example: worker 1, forked at step 3, forks 1.1 at its token 2
+    (step 5) and joins it at token 3 (step 6); 1.1 has 4 tokens (steps 6..9); worker 1 resumes
+    at 10 and returns at its token 5 (step 11); an organizer join of worker 1 at step 4 waits
+    until 11.
     """
+    return schedule(traj.organizer)
+
+
+def schedule(organizer: ParsedThread):
+    """timeline's spans from the parsed organizer thread (parse uses it before a Trajectory exists)."""
     spans = []
 
     def run(thread, name, start, fork_step):
@@ -588,15 +672,46 @@ def timeline(traj: Trajectory):
                 finish_of[ev.id] = child_span[ev.id].finish
             elif ev.kind == "join":
                 t = max(t, finish_of.get(ev.id, t))
-                if ev.id in child_span:
-                    child_span[ev.id].join_step = t
+                if ev.id in child_span and thread.children[ev.id].result is not None:
+                    child_span[ev.id].join_step = t  # (a worker that never returned is never joined)
         if thread.generated > done:
             decode(thread.generated - done)
         span.finish = t
         return span
 
-    run(traj.organizer, "organizer", 0, 0)
+    run(organizer, "organizer", 0, 0)
     return spans
+
+
+def parent_name(name):
+    """The span name of a thread's parent: 'worker 2.1' -> 'worker 2' -> 'organizer'."""
+    return name.rsplit(".", 1)[0] if "." in name else "organizer"
+
+
+def pool_overflows(spans, capacity):
+    """The shared pool at depth > 1, checked on the timeline: each worker holds a place from
+    its fork's step to its join's step (both included; never joined: to the end), the organizer
+    one throughout. A fork overflows if, counting itself, more than c places are held at its
+    step. Forks of one step count in the order the executor handles them, creation order: the
+    organizer's workers and theirs in the order they were forked, same-step ones by their
+    parents' order. Worked example, c = 3: the organizer forks 1 (step 3); worker 1 forks 1.1 at
+    step 6 while 1 is running: places organizer, 1, 1.1 = 3, fine; it forks 1.2 at step 8 before
+    joining 1.1: 4 places, an overflow."""
+    workers, rank, errors = spans[1:], {"organizer": 0}, []
+    order = []
+    for step in sorted({s.fork_step for s in workers}):
+        same = sorted((s for s in workers if s.fork_step == step), key=lambda s: rank[parent_name(s.name)])
+        for s in same:
+            rank[s.name] = len(rank)
+            order.append(s)
+    for s in order:
+        held = 1 + sum(1 for w in workers
+                       if (w.fork_step, rank[w.name]) <= (s.fork_step, rank[s.name])
+                       and (w.join_step is None or w.join_step >= s.fork_step))
+        if held > capacity:
+            errors.append(f"{POOL_OVERFLOW}: {s.name} forked at step {s.fork_step} while "
+                          f"{held - 1} threads hold the pool (c={capacity})")
+    return errors
 
 
 def critical_path(traj: Trajectory):

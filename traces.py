@@ -39,6 +39,13 @@ nothing).
     ...
     <ANSWER>12+9+4+5, 12*3-(2+4), ..., ...</ANSWER>      (a copy of the last tally)
 
+Recursive organizers (depth 2, `countdown_tree_trace`): the organizer splits the pairs by their
+larger number: a sub-organizer per number a ("12 of 2 3 4 5 9 12 to 30": the pairs (12, b) for
+every b < 12) forks one pair worker per pair exactly as the organizer does at depth 1, tallies,
+and returns what it found; the organizer tallies the sub-organizers' returns. Ids are scoped,
+so the tree reaches up to 32 x 32 pairs where one organizer stops at MAX_FORKS = 32 (the paper
+preset has 66), and the sub-queries are written by several threads at once.
+
 Sudoku 4x4 (cells r1c1..r4c4, grid row-major, '.' blank). An attempt fills one UNIT (a row):
 for each blank cell it writes the digits the cell's row, column and box exclude and what is
 left, "r2c3 x124 =3" (3 is forced) or "r2c3 x14 ?" (still open). Async forks one worker per row
@@ -203,6 +210,7 @@ class Trace:
     workers: dict  # fork id -> [(text, trained)]
     answers: list
     tools: dict = None  # fork id -> a tool's answer (the forks that called one: no worker text)
+    depth: int = 1      # 2: workers keyed by path ("3", "3.1"), sub-organizers among them
 
     def threads(self):
         return [self.organizer] + [self.workers[i] for i in sorted(self.workers)]
@@ -218,11 +226,11 @@ class Trace:
         body = lambda pieces: "".join(text for text, _ in pieces[1:])
         threads = {i: body(w) for i, w in self.workers.items()}
         return P.parse_text(body(self.organizer), {**threads, **(self.tools or {})}, tok, capacity,
-                            task=self.row["task"], tools=P.TOOLS if self.tools else ())
+                            task=self.row["task"], tools=P.TOOLS if self.tools else (), depth=self.depth)
 
     def text(self):
         out = "".join(t for t, _ in self.organizer)
-        for i in sorted(self.workers):
+        for i in sorted(self.workers, key=lambda i: [int(j) for j in str(i).split(".")]):
             out += f"\n--- worker {i} ---\n" + "".join(t for t, _ in self.workers[i])
         return out
 
@@ -232,6 +240,7 @@ class Organizer:
 
     def __init__(self, prompt):
         self.pieces, self.workers, self.results, self.tools = [(prompt, False)], {}, {}, {}
+        self.nested = {}  # depth 2: "i.j" -> the pieces of worker j of sub-organizer i
 
     def say(self, text):
         self.pieces.append((text, True))
@@ -244,6 +253,15 @@ class Organizer:
         self.workers[i] = [(P.worker_prompt(sub_query), False),
                            (f"{worker_text}\n{P.RETURN}{result}{P.RETURN_END}", trained)]
         self.results[i] = result
+
+    def delegate(self, i, sub_query, sub: "Organizer", result):
+        """Fork worker i as a sub-organizer: its thread is `sub`'s (a worker prompt, its own forks
+        and joins), ending in <RETURN>result</RETURN>; its workers j become i.j."""
+        open_, close, _, _ = P.fork_tags(i)
+        self.say(f"{open_}{sub_query}{close}")
+        sub.say(f"{P.RETURN}{result}{P.RETURN_END}")
+        self.workers[i], self.results[i] = sub.pieces, result
+        self.nested.update({f"{i}.{j}": pieces for j, pieces in sub.workers.items()})
 
     def call(self, i, tool, argument, answer):
         """A fork to a tool (tools.py): the organizer writes the call, nothing is a worker's text."""
@@ -353,15 +371,88 @@ def countdown_search(numbers, target, k, pairs):
     return "\n".join(blocks), found
 
 
+def tree_shape(capacity, sub_organizers=None):
+    """(m, w): m sub-organizers at once, each with w pair workers at once, so that the shared
+    pool can never overflow whatever the timing: 1 + m * (1 + w) <= c. The default m is the
+    largest that still leaves each sub-organizer 2 workers (measured: `traces.py stats --depth
+    2`, BENCHMARKS.md), at least 1: c = 4 -> (1, 2), c = 8 -> (2, 2), c = 16 -> (5, 2).
+
+    >>> tree_shape(8), tree_shape(16), tree_shape(16, sub_organizers=3)
+    ((2, 2), (5, 2), (3, 4))
+    """
+    m = sub_organizers or max(1, (capacity - 1) // 3)
+    w = (capacity - 1) // m - 1
+    if w < 1:
+        raise ValueError(f"c = {capacity} has no room for {m} sub-organizers with a worker each")
+    return m, w
+
+
+def countdown_tree_trace(row, rng: random.Random, capacity=4, sub_organizers=None, state_capacity=False,
+                         same_pairs=False):
+    """Depth 2: a sub-organizer per larger number a of a pair (the groups in pairs_in_order's
+    order, at most MAX_FORKS of them), m of them at once; each forks a pair worker per pair
+    (a, b), w at once (tree_shape), tallies and stops at k, and returns its finds ("none" if
+    nothing); the organizer tallies the returns, stops forking at k, and answers. same_pairs:
+    only the first MAX_FORKS pairs, the ones a depth-1 organizer can reach (to compare latency
+    on the same work).
+
+        <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
+        <FORK-1>12 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>9 of ...</FORK-2><JOIN-1>12+9+4+5</JOIN-1> ok ...
+    worker 1 (a sub-organizer):
+        <WORKER>12 of 2 3 4 5 9 12 to 30
+        <FORK-1>12 9 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>12 5 of ...</FORK-2><JOIN-1>...</JOIN-1> ok ...
+        <RETURN>12+9+4+5, ...</RETURN>
+    worker 1.1: the pair worker of (12, 9), as at depth 1.
+    """
+    numbers, target, k = row["numbers"], row["target"], row["k"]
+    m, w = tree_shape(capacity, sub_organizers)
+    pairs = pairs_in_order(numbers)[:P.MAX_FORKS if same_pairs else None]
+    groups = list(dict.fromkeys(a for a, _ in pairs))[:P.MAX_FORKS]
+    everything = " ".join(map(str, numbers))
+    org = Organizer(P.organizer_prompt(P.question_text(row), capacity=capacity if state_capacity else None))
+    found = {}
+
+    def sub_organizer(a):
+        mine = [(x, b) for x, b in pairs if x == a][:P.MAX_FORKS]
+        sub, own = Organizer(P.worker_prompt(f"{a} of {everything} to {target}")), {}
+        def on_fork(j):
+            text, got = pair_attempts(*mine[j - 1], numbers, target)
+            sub.fork(j, f"{mine[j - 1][0]} {mine[j - 1][1]} of {everything} to {target}", text,
+                     P.ANSWER_SEPARATOR.join(got) or "none")
+        def on_join(j):
+            sub.say(f" {tally(own, P.parse_answer(sub.join(j), 'countdown'), k)}\n")
+        run_plan(sub, len(mine), w + 1, None, on_fork, on_join, lambda: len(own) >= k)
+        return sub, P.ANSWER_SEPARATOR.join(list(own.values())[:k]) or "none"
+
+    def on_fork(i):
+        a = groups[i - 1]
+        sub, result = sub_organizer(a)
+        org.delegate(i, f"{a} of {everything} to {target}", sub, result)
+
+    def on_join(i):
+        org.say(f" {tally(found, P.parse_answer(org.join(i), 'countdown'), k)}\n")
+
+    run_plan(org, len(groups), m + 1, None, on_fork, on_join, lambda: len(found) >= k)
+    answers = list(found.values())[:k]
+    org.answer(answers)
+    workers = {**{str(i): pieces for i, pieces in org.workers.items()}, **org.nested}
+    return Trace(row, "async", org.pieces, workers, answers, depth=2)
+
+
 def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5,
-                    check_share=0.0, state_capacity=False):
+                    check_share=0.0, state_capacity=False, depth=1, sub_organizers=None):
     """Sequential: all pairs in order in one thread. Parallel: N workers each do that search
     on the whole question in their own random order, the organizer answers the union. Async:
     one worker per pair, at most c-1 at once, stop forking at k. With check_share, that share
     of the async traces without a plan hand every returned expression to the check tool
     (check_calls) and tally only those it calls "ok"; in those, WRONG_SHARE of the workers that
     found something return a wrong variant instead (and are not trained on), so the organizer
-    sees what a "no" means. state_capacity: the async prompt states c ("capacity 6")."""
+    sees what a "no" means. state_capacity: the async prompt states c ("capacity 6"). depth 2:
+    countdown_tree_trace (sub-organizers)."""
+    if depth > 1:
+        if mode != "async" or depth > 2:
+            raise ValueError(f"depth {depth} traces: only async countdown at depth 2")
+        return countdown_tree_trace(row, rng, capacity, sub_organizers, state_capacity)
     numbers, target, k = row["numbers"], row["target"], row["k"]
     question = P.question_text(row)
     pairs = pairs_in_order(numbers)[:P.MAX_FORKS]
@@ -572,25 +663,34 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
 # -----------------------------------------------------------------------------
 # Command line: look at traces, and measure them
 
-def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5, check_share=0.0):
-    """Token lengths, latency, eta and answer quality of n traces (the default tokenizer)."""
+def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5, check_share=0.0, preset="small",
+                depth=1, same_pairs=False):
+    """Token lengths, latency, eta and answer quality of n traces (the default tokenizer).
+    depth 2: countdown_tree_trace (same_pairs: on the pairs a depth-1 organizer reaches)."""
     tok = P.Tokenizer.numbers()
     rng = random.Random(seed)
-    org, work, lat, eta, full = [], [], [], [], 0
+    org, work, lat, eta, full, found = [], [], [], [], 0, 0
     checks = dict(check_share=check_share) if check_share and task == "countdown" and mode == "async" else {}
-    for row in tasks.make_puzzles(task, "small", n=n, seed=seed, split="train"):
-        trace = make_trace(row, mode, rng, capacity, hint_share=hint_share, **checks)
+    for row in tasks.make_puzzles(task, preset, n=n, seed=seed, split="train"):
+        if depth > 1:
+            trace = countdown_tree_trace(row, rng, capacity, same_pairs=same_pairs)
+        else:
+            trace = make_trace(row, mode, rng, capacity, hint_share=hint_share, **checks)
         traj = trace.parse(tok, capacity)
+        if traj.errors:
+            raise AssertionError(f"a solver's trace breaks the protocol: {traj.errors[0]}")
         seqs = trace.sequences(tok)
         org.append(len(seqs[0][0]))
         work += [len(ids) for ids, _ in seqs[1:]]
         lat.append(P.critical_path(traj))
         eta.append(P.concurrency(traj))
         full += len(trace.answers) >= row.get("k", 1)
+        found += len(trace.answers)
     mean = lambda xs: sum(xs) / len(xs) if xs else 0
     return dict(task=task, mode=mode, organizer_mean=mean(org), organizer_max=max(org),
                 worker_mean=mean(work), worker_max=max(work, default=0),
-                workers_per_episode=len(work) / n, latency=mean(lat), eta=mean(eta), complete=full / n)
+                workers_per_episode=len(work) / n, latency=mean(lat), eta=mean(eta), complete=full / n,
+                answers=found / n, pairs=len(pairs_in_order(row["numbers"])) if task == "countdown" else 0)
 
 
 def main(argv=None):
@@ -605,16 +705,26 @@ def main(argv=None):
     ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a plan in the prompt")
     ap.add_argument("--check-share", type=float, default=0.0,
                     help="share of async countdown traces that check each find with the check tool")
+    ap.add_argument("--preset", choices=sorted(tasks.COUNTDOWN_PRESETS), default="small",
+                    help="countdown puzzle size ('paper': 12 numbers, targets 100..999)")
+    ap.add_argument("--depth", type=int, default=1, choices=[1, 2],
+                    help="2: async countdown with sub-organizers (show), or depth 1 against depth 2 (stats)")
     args = ap.parse_args(argv)
+    if args.depth == 2 and (args.task != "countdown" or args.mode not in (None, "async")):
+        ap.error("--depth 2 traces are async countdown ones")
     if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1 or not 0 <= args.check_share <= 1:
         ap.error("need --capacity >= 2, --n > 0, and --hint-share and --check-share in [0, 1]")
     if args.command == "show":
-        row = tasks.make_puzzles(args.task, "small", n=1, seed=args.seed, split="train")[0]
+        row = tasks.make_puzzles(args.task, args.preset, n=1, seed=args.seed, split="train")[0]
         mode = args.mode or "async"
         checks = dict(check_share=args.check_share) if args.check_share and args.task == "countdown" else {}
+        if args.depth == 2:
+            checks = dict(depth=2)
         print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share,
                          **checks).text())
         return 0
+    if args.depth == 2:
+        return depth_table(args)
     print(f"{args.n} small-preset puzzles per row, c={args.capacity}, tokens of the default tokenizer (prompts included)")
     print("| task | mode | organizer tokens mean/max | worker tokens mean/max | workers/episode "
           "| latency | eta | traces with all k answers |")
@@ -624,6 +734,26 @@ def main(argv=None):
         print(f"| {s['task']} | {mode} | {s['organizer_mean']:.0f} / {s['organizer_max']} "
               f"| {s['worker_mean']:.0f} / {s['worker_max']} | {s['workers_per_episode']:.1f} "
               f"| {s['latency']:.0f} | {s['eta']:.2f} | {100 * s['complete']:.0f}% |")
+    return 0
+
+
+def depth_table(args):
+    """`stats --depth 2`: the same puzzles at depth 1 (the paper's organizer) and depth 2
+    (sub-organizers), both at c = --capacity, measured on the solver-written traces."""
+    m, w = tree_shape(args.capacity)
+    print(f"{args.n} {args.preset}-preset countdown puzzles, c={args.capacity} (one shared pool; depth 2: "
+          f"{m} sub-organizers x {w} pair workers at once), traces without plans")
+    print("| structure | pairs in reach | workers/episode | latency | eta | answers found (of k) "
+          "| traces with all k |")
+    print("|---|---|---|---|---|---|---|")
+    for name, kw in [("depth 1: organizer + pair workers", dict(depth=1)),
+                     ("depth 2, the same first 32 pairs", dict(depth=2, same_pairs=True)),
+                     ("depth 2, every pair", dict(depth=2))]:
+        s = trace_stats("countdown", "async", args.n, args.seed, args.capacity, hint_share=0.0,
+                        preset=args.preset, **kw)
+        reach = min(P.MAX_FORKS, s["pairs"]) if kw["depth"] == 1 or kw.get("same_pairs") else s["pairs"]
+        print(f"| {name} | {reach} | {s['workers_per_episode']:.1f} | {s['latency']:.0f} | {s['eta']:.2f} "
+              f"| {s['answers']:.2f} | {100 * s['complete']:.0f}% |")
     return 0
 
 

@@ -107,6 +107,9 @@ class TrainConfig:
     # capacity as an input: "2-16" writes each async trace for a c drawn from 2..16, stated in the
     # organizer's prompt ("capacity 6"), so `solve --capacity c` runs one model at any c in range
     capacities: str = ""            # "" (default): traces for --capacity only, c not stated
+    # recursive organizers: depth 2 writes async countdown traces with sub-organizers
+    # (traces.countdown_tree_trace) and runs rollouts and evaluations at depth 2
+    depth: int = 1
     from_scratch: bool = False      # RL without SFT (ablation)
     max_organizer_tokens: int = 900
     max_worker_tokens: int = 320
@@ -157,7 +160,8 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
         capacity, stated = cfg.capacity, {}
         if cfg.capacities and cfg.mode == "async":
             capacity, stated = rng.randint(*P.capacity_range(cfg.capacities)), dict(state_capacity=True)
-        trace = traces.make_trace(row, cfg.mode, rng, capacity, hint_share=cfg.hint_share, **checks, **stated)
+        deeper = dict(depth=cfg.depth) if cfg.depth > 1 else {}
+        trace = traces.make_trace(row, cfg.mode, rng, capacity, hint_share=cfg.hint_share, **checks, **stated, **deeper)
         for j, (ids, mask) in enumerate(trace.sequences(tok)):
             w = cfg.organizer_weight if j == 0 else 1.0
             seqs.append((ids[:block_size + 1], [w * m for m in mask[:block_size + 1]]))
@@ -738,6 +742,10 @@ def check_flags(cfg, error):
         error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":
         error("--capacity must be >= 2 for parallel and async modes")
+    if cfg.depth not in (1, 2) or (cfg.depth == 2 and (cfg.mode != "async" or cfg.task != "countdown")):
+        error("--depth must be 1, or 2 with --mode async --task countdown (the traces with sub-organizers)")
+    if cfg.depth == 2 and (cfg.capacity < 3 or cfg.capacities and P.capacity_range(cfg.capacities)[0] < 3):
+        error("--depth 2 needs every capacity >= 3: the organizer, a sub-organizer and its pair worker")
 
 
 def main(argv=None):

@@ -58,8 +58,11 @@ EXPECTED_ERRORS = {
     "tag inside a result": {P.STRAY_TAG},
     "stray tag": {P.STRAY_TAG},
     "worker token limit": {P.MISSING_RETURN},
+    "fork past depth": {P.TOO_DEEP},
+    "foreign join": {P.FOREIGN_JOIN},
+    "return before its joins": {P.UNJOINED_RETURN},
 }
-FATAL = {P.DUPLICATE_ID, P.POOL_OVERFLOW, P.UNKNOWN_JOIN, P.WRONG_ROLE, P.STRAY_TAG}
+FATAL = {P.DUPLICATE_ID, P.POOL_OVERFLOW, P.UNKNOWN_JOIN, P.WRONG_ROLE, P.STRAY_TAG, *P.DEPTH_ERROR_NAMES}
 
 
 def fatal_errors(errors):
@@ -139,7 +142,7 @@ class SlotState:
     """A sequence's protocol state, updated token by token (prompt, then output)."""
 
     def __init__(self):
-        self.role, self.in_prompt = None, True
+        self.role, self.in_prompt, self.level = None, True, 0
         self.open_fork, self.n_query = None, 0
         self.in_result, self.n_result = False, 0
         self.in_join = None
@@ -150,6 +153,8 @@ class SlotState:
         if self.role is None:
             self.role = "organizer" if kind == "organizer" else "worker"
         elif self.in_prompt:
+            if self.role == "worker" and self.level == 0:  # the sub-query's first token: its level
+                self.level = t - ord("a") + 1 if ord("a") <= t <= ord("c") else 1
             self.in_prompt = t != NEWLINE
         elif self.in_join is not None:  # the executor's injected takeaway
             self.in_join = None if kind == "join_end" else self.in_join
@@ -181,16 +186,19 @@ class GrammarModel(nn.Module):
     Implements what the executor calls: parameters(), eval(), new_cache, forward_cached (with
     the real model's argument checks, so a cache misuse by the executor raises here too)."""
 
-    def __init__(self, seed, capacity):
+    def __init__(self, seed, capacity, depth=1):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(1))
         rng = random.Random(seed)
-        self.capacity = capacity
+        self.capacity, self.depth = capacity, depth
         self.think, self.fork, self.join = (rng.uniform(0.2, 2.0) for _ in range(3))
         self.answer, self.ret, self.end = rng.uniform(0.05, 0.6), rng.uniform(0.1, 0.5), rng.uniform(0.2, 0.6)
         self.overflow, self.dup = rng.choice([0.0, 0.0, 0.05]), rng.choice([0.0, 0.05, 0.3])
         self.chaos = rng.choice([0.0, 0.0, 0.003, 0.03])
         self.text = list(b"0123456789") + list(b"abcdefgh +")
+        self.deep, self.foreign = 0.0, 0.0  # recursion: how often a worker at level D forks anyway,
+        if depth > 1:                       # or a sub-organizer joins an id that is not its own
+            self.deep, self.foreign = rng.choice([0.0, 0.02, 0.1]), rng.choice([0.0, 0.02, 0.1])
 
     def new_cache(self, n_slots, max_len=None, device=None, dtype=None):
         return StubCache(n_slots, max_len or 256)
@@ -224,7 +232,9 @@ class GrammarModel(nn.Module):
         p = torch.zeros(V)
         def spread(tokens, mass):
             p[tokens] += mass / len(tokens)
-        if s.open_fork is not None:
+        if s.open_fork is not None and self.depth > 1 and not s.n_query:
+            p[ord("a") + s.level] += 1.0  # the sub-query starts with the worker's level: a, b, c
+        elif s.open_fork is not None:
             end = self.end if s.n_query else 0.0
             p[FORK_END[s.open_fork]] += end
             spread(self.text, 1 - end)
@@ -232,14 +242,19 @@ class GrammarModel(nn.Module):
             end = self.end if s.n_result else 0.0
             p[tok.answer_end if s.role == "organizer" else tok.ret_end] += end
             spread(list(b"0123456789+"), 1 - end)
-        elif s.role == "worker":
+        elif s.role == "worker" and s.level >= self.depth:  # a leaf (at depth 1: every worker)
             p[tok.ret] += self.ret
-            spread(self.text, 1 - self.ret)
-        else:
-            w = {tok.answer: self.answer * (0.1 if s.outstanding else 1.0)}
+            if self.depth > 1:
+                p[FORK[1]] += self.deep
+            spread(self.text, 1 - self.ret - self.deep)
+        else:  # the organizer, or a worker above level D: a sub-organizer
+            w = {tok.answer: self.answer * (0.1 if s.outstanding else 1.0)} if s.role == "organizer" else \
+                {tok.ret: self.ret * (0.5 if s.outstanding else 1.0)}  # sometimes before its joins
+            if self.depth > 1 and s.role == "worker" and 1 not in s.outstanding:
+                w[JOIN[1]] = self.foreign  # the parent's worker 1, or one joined before
             new = [i for i in FORK if i not in s.forked]
             if new:
-                room = len(s.outstanding) < self.capacity - 1
+                room = len(s.outstanding) < self.capacity - 1 - s.level
                 w[FORK[new[0]]] = self.fork * (1.0 if room else self.overflow)
             for i in s.outstanding:
                 w[JOIN[i]] = self.join / len(s.outstanding)
@@ -302,23 +317,24 @@ def check_episode(ep, rec, cfg):
     assert 0 <= rec["steps"] <= cfg.max_steps
     assert isinstance(rec["latency"], int) and 0 <= rec["latency"] <= rec["steps"]
     assert rec["concurrency"] >= 0
-    # the injected takeaways are exactly what the workers returned
-    i = 0
-    while i < len(org.out):
-        kind, f = tok.tag(org.out[i]) or ("text", 0)
-        if kind == "join" and not org.injected[i] and i + 1 < len(org.out):
-            w = org.children[f]
-            chunk = w.result + [JOIN_END[f]]
-            assert org.out[i + 1:i + 1 + len(chunk)] == chunk and all(org.injected[i + 1:i + 1 + len(chunk)])
-            assert w.state == "done"
-            i += len(chunk)
-        i += 1
+    # the injected takeaways are exactly what the workers returned (sub-organizers' too)
+    for th in ep.threads if cfg.mode != "parallel" else [org]:
+        i = 0
+        while i < len(th.out):
+            kind, f = tok.tag(th.out[i]) or ("text", 0)
+            if kind == "join" and not th.injected[i] and i + 1 < len(th.out):
+                w = th.children[f]
+                chunk = w.result + [JOIN_END[f]]
+                assert th.out[i + 1:i + 1 + len(chunk)] == chunk and all(th.injected[i + 1:i + 1 + len(chunk)])
+                assert w.state == "done"
+                i += len(chunk)
+            i += 1
     # the named errors: exactly protocol.parse's, named from ERROR_NAMES, and consistent with
     # the reason the executor stopped
     traj = A.trajectory(ep, tok, cfg)
     assert rec["format_errors"] == traj.errors
     names = P.error_names(rec["format_errors"])
-    assert set(names) <= set(P.ERROR_NAMES), names
+    assert set(names) <= set(P.ERROR_NAMES + (P.DEPTH_ERROR_NAMES if cfg.depth > 1 else ())), names
     # the executor stops at the first fatal error, so there is exactly one, of the right name
     fatal = fatal_errors(rec["format_errors"])
     if ep.stop_reason in EXPECTED_ERRORS and ep.stop_reason != "worker token limit":
@@ -328,8 +344,9 @@ def check_episode(ep, rec, cfg):
         assert not fatal, (ep.stop_reason, rec["format_errors"])
     if ep.stop_reason == "answer":
         assert P.MISSING_ANSWER not in names
-        assert set(names) <= {P.BAD_ANSWER, P.UNJOINED_FORK, P.MISSING_RETURN}, names
-        assert P.MISSING_RETURN not in names or P.UNJOINED_FORK in names, names
+        # (deeper, a sub-organizer left running when the organizer answered may be mid-fork)
+        assert set(names) <= {P.BAD_ANSWER, P.UNJOINED_FORK, P.MISSING_RETURN} | ({P.UNCLOSED_FORK} if cfg.depth > 1 else set()), names
+        assert not {P.MISSING_RETURN, P.UNCLOSED_FORK} & set(names) or P.UNJOINED_FORK in names, names
         if cfg.mode == "parallel":
             assert not names, names
     else:
@@ -359,7 +376,7 @@ def check_timing(ep, rec, cfg):
     assert [(rel(a), rel(b)) for a, b in org.active] == spans["organizer"].active
     for w in ep.threads[1:]:
         if w.state == "done":
-            s = spans[f"worker {w.fork_id}"]
+            s = spans[f"worker {w.path}"]
             assert (rel(w.fork_step), rel(w.finish_step)) == (s.fork_step, s.finish)
             assert [(rel(a), rel(b)) for a, b in w.active] == s.active
             if w.join_step is not None and cfg.mode == "async":  # parallel: all joined at once
@@ -732,3 +749,168 @@ def test_episode_token_limit_holds_after_a_return(gpt):
     ep, rec = scenario(gpt, "<FORK-1>q</FORK-1><JOIN-1>", {1: "<RETURN></RETURN>"},
                        max_episode_tokens=6)
     assert rec["tokens"] == 6 and ep.stop_reason == "episode token limit"
+
+
+# -----------------------------------------------------------------------------
+# Recursion (depth D > 1): sub-organizers fork, join and wait; the pool is shared across levels
+
+def depth_configs():
+    """The grammar model and the random GPT at depths 2 and 3, capacities 2..6, with the
+    smallest slot pool depth allows (batch * c: no thread ever waits for a slot)."""
+    out, rng = [], random.Random(2)
+    for kind in ("grammar", "grammar", "gpt"):
+        for depth in (2, 3):
+            for capacity in (2, 3, 4, 6):
+                batch = rng.choice([4, 16])
+                out.append((kind, dict(depth=depth, capacity=capacity, batch_episodes=batch, seed=len(out),
+                                       n_slots=rng.choice([None, batch * capacity]),
+                                       max_len=rng.choice([128, 256]), **rng.choice([{}, dict(top_k=5)]))))
+    return out
+
+
+@pytest.mark.parametrize("kind,kw", depth_configs(),
+                         ids=lambda x: x if isinstance(x, str) else
+                         "-".join(f"{k}={v}" for k, v in x.items() if k != "seed"))
+def test_random_models_never_break_the_recursive_executor(kind, kw):
+    cfg = E.RunConfig(**{**LIMITS, "max_episode_tokens": 200}, **kw)
+    model = random_gpt(cfg.seed) if kind == "gpt" else GrammarModel(cfg.seed, cfg.capacity, cfg.depth)
+    episodes, records, exact = run(model, cfg, ROWS)
+    # nothing ever waits for a slot at depth > 1, so every episode that answered is exact
+    assert exact == sum(ep.stop_reason == "answer" for ep in episodes)
+
+
+def test_recursive_models_reach_every_outcome():
+    """Sub-organizers that answer through their own workers, and each recursion error."""
+    reasons, names, nested_answers = set(), set(), 0
+    for kind, kw in depth_configs()[:16]:
+        if kind != "grammar":
+            continue
+        cfg = E.RunConfig(**{**LIMITS, "max_episode_tokens": 200}, **kw)
+        episodes, records, _ = run(GrammarModel(cfg.seed, cfg.capacity, cfg.depth), cfg, ROWS[:24])
+        for ep, rec in zip(episodes, records):
+            reasons.add(ep.stop_reason)
+            names |= set(P.error_names(rec["format_errors"]))
+            nested_answers += ep.stop_reason == "answer" and any(th.level == 2 for th in ep.threads)
+    assert {"answer", "fork past depth", "foreign join", "return before its joins",
+            "duplicate id or pool overflow", "unknown join"} <= reasons, reasons
+    assert set(P.DEPTH_ERROR_NAMES) | {P.POOL_OVERFLOW} <= names
+    assert nested_answers > 0  # (the forced trees below answer through sub-organizers often)
+
+
+@st.composite
+def recursive_script(draw, capacity, depth):
+    """A tree of valid-looking threads by path: the organizer and each worker above level D
+    follow a random plan (sample_plan at c), others think and return; then up to two edits (a
+    token deleted or any tag written) in random threads. Timing decides whether the shared pool
+    holds, so some overflow."""
+    thought = st.lists(st.sampled_from(list(b"abc 123")), max_size=6)
+    rng = random.Random(draw(st.integers(0, 2**16)))
+    scripts = {}
+
+    def write(path, level):
+        ids_ = []
+        n_forks = rng.randint(0, 3) if level < depth and rng.random() < 0.7 else 0
+        for action in P.sample_plan(rng, n_forks, max(2, capacity - level)):
+            i = int(action[1:])
+            if action[0] == "F":
+                ids_ += draw(thought) + [FORK[i], ord("q"), FORK_END[i]]
+                write(f"{path}.{i}".lstrip("."), level + 1)
+            else:
+                ids_ += draw(thought) + [JOIN[i]]
+        end = (tok.answer, tok.answer_end) if level == 0 else (tok.ret, tok.ret_end)
+        scripts[path] = ids_ + draw(thought) + [end[0], ord("7"), end[1]]
+    write("", 0)
+    for _ in range(draw(st.integers(0, 2))):
+        path = draw(st.sampled_from(sorted(scripts)))
+        ids_ = scripts[path]
+        pos = draw(st.integers(0, len(ids_)))
+        tag = draw(st.one_of(st.none(), st.sampled_from(TAGS)))
+        scripts[path] = ids_[:pos] + ids_[pos + 1:] if tag is None else ids_[:pos] + [tag] + ids_[pos:]
+    return scripts
+
+
+@st.composite
+def recursive_cases(draw):
+    depth, capacity, batch = draw(st.integers(2, 3)), draw(st.integers(2, 6)), draw(st.integers(1, 4))
+    pick = lambda *values: draw(st.sampled_from(values))
+    cfg = E.RunConfig(capacity=capacity, depth=depth, batch_episodes=batch,
+                      n_slots=pick(None, batch * capacity), max_organizer_tokens=pick(60, 60, 12),
+                      max_worker_tokens=pick(40, 40, 5), max_episode_tokens=pick(300, 300, 30),
+                      max_steps=pick(300, 300, 15), temperature=pick(0.0, 1.0), tools=pick((), P.TOOLS))
+    scripts = draw(st.lists(st.one_of(recursive_script(capacity, depth),
+                                      random_script.map(lambda s: {"": s["organizer"], **{
+                                          p: s["workers"][int(p[-1]) - 1] for p in
+                                          ("1", "2", "3", "4", "1.1", "1.2", "2.1", "2.2", "1.1.1")}})),
+                            min_size=1, max_size=4))
+    return cfg, scripts
+
+
+def path_forcer(scripts):
+    """force(ep, th): thread th emits scripts[ep.index][th.path] ('' the organizer), then filler."""
+    def force(ep, th):
+        s = scripts[ep.index].get(th.path, [])
+        return s[th.generated] if th.generated < len(s) else FILLER
+    return force
+
+
+@settings(max_examples=1500 if LONG else 150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=recursive_cases())
+def test_forced_recursive_streams_never_break_the_executor(case):
+    cfg, scripts = case
+    episodes, records, exact = run(GrammarModel(cfg.seed, cfg.capacity, cfg.depth), cfg,
+                                   ROWS[:len(scripts)], path_forcer(scripts))
+    assert exact == sum(ep.stop_reason == "answer" for ep in episodes)
+    for ep, s in zip(episodes, scripts):  # every thread emitted exactly its script
+        for th in ep.threads:
+            want = s.get(th.path, [])
+            got = [t for t, inj in zip(th.out, th.injected) if not inj]
+            assert got[:len(want)] == want[:len(got)] and all(t == FILLER for t in got[len(want):])
+
+
+RECURSIVE_SCENARIOS = {  # name: (threads by path, RunConfig kwargs, expected error, stop reason)
+    # cycles of waiting cannot form (a thread waits only on its own workers): the nearest
+    # thing, a chain of waits three levels deep, answers; a join of a sibling is refused
+    "a chain of waits": ({"": "<FORK-1>a</FORK-1><JOIN-1><ANSWER>7</ANSWER>",
+                          "1": "<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                          "1.1": "<FORK-1>c</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                          "1.1.1": "xxxxx<RETURN>7</RETURN>"}, dict(depth=3), None, "answer"),
+    "siblings waiting on each other": ({"": "<FORK-1>a</FORK-1><FORK-2>a</FORK-2><JOIN-1><JOIN-2><ANSWER>7</ANSWER>",
+                                        "1": "xxxx<JOIN-2><RETURN>7</RETURN>", "2": "xxxx<JOIN-1><RETURN>7</RETURN>"},
+                                       dict(depth=2), P.FOREIGN_JOIN, "foreign join"),
+    "a sub-organizer joins its parent's worker": ({"": "<FORK-1>a</FORK-1><FORK-2>a</FORK-2><JOIN-1><JOIN-2><ANSWER>7</ANSWER>",
+                                                   "1": "xx<FORK-3>b</FORK-3><JOIN-2><RETURN>7</RETURN>"},
+                                                  dict(depth=2, capacity=6), P.FOREIGN_JOIN, "foreign join"),
+    "a sub-organizer that never joins returns": ({"": "<FORK-1>a</FORK-1><JOIN-1><ANSWER>7</ANSWER>",
+                                                  "1": "<FORK-1>b</FORK-1>xx<RETURN>7</RETURN>"},
+                                                 dict(depth=2), P.UNJOINED_RETURN, "return before"),
+    "a sub-organizer that never joins thinks on": ({"": "<FORK-1>a</FORK-1><JOIN-1><ANSWER>7</ANSWER>",
+                                                    "1": "<FORK-1>b</FORK-1>"},
+                                                   dict(depth=2), P.MISSING_RETURN, "worker token limit"),
+    "a pool full of sub-organizers": ({"": "<FORK-1>a</FORK-1><FORK-2>a</FORK-2><FORK-3>a</FORK-3><JOIN-1><JOIN-2><JOIN-3><ANSWER>7</ANSWER>",
+                                       "1": "xxxxxxxx<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                                       "2": "xxxxxxxx<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>"},
+                                      dict(depth=2, capacity=4), P.POOL_OVERFLOW, "pool overflow"),
+    "sub-organizers waiting while their workers run": ({"": "<FORK-1>a</FORK-1><FORK-2>a</FORK-2><JOIN-1><JOIN-2><ANSWER>7</ANSWER>",
+                                                        "1": "<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                                                        "2": "<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                                                        "1.1": "xxxxxxxxxx<RETURN>7</RETURN>",
+                                                        "2.1": "xxxx<RETURN>7</RETURN>"},
+                                                       dict(depth=2, capacity=5, batch_episodes=1), None, "answer"),
+    "a fork at level D": ({"": "<FORK-1>a</FORK-1><JOIN-1><ANSWER>7</ANSWER>", "1": "<FORK-1>b</FORK-1><JOIN-1><RETURN>7</RETURN>",
+                           "1.1": "x<FORK-1>c</FORK-1>"}, dict(depth=2), P.TOO_DEEP, "fork past depth"),
+}
+
+
+@pytest.mark.parametrize("name", RECURSIVE_SCENARIOS)
+def test_recursive_scenario(gpt, name):
+    threads, kw, error, reason = RECURSIVE_SCENARIOS[name]
+    scripts = [{p: ids(t) for p, t in threads.items()}]
+    cfg = E.RunConfig(**{**dict(max_organizer_tokens=40, max_worker_tokens=20, max_episode_tokens=300), **kw})
+    row = {"task": "countdown", "numbers": [2, 3, 5, 7], "target": 10, "k": 2}
+    (ep,), (rec,), exact = run(gpt, cfg, [row], path_forcer(scripts))
+    assert reason in ep.stop_reason, ep.stop_reason
+    if error is None:
+        assert rec["format_errors"] == [] and exact == 1
+    else:
+        assert error in P.error_names(rec["format_errors"]), rec["format_errors"]
