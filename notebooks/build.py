@@ -1467,9 +1467,48 @@ BEYOND = [
     them. On a terminal, `python chat.py --ckpt runs/countdown-async/rl.pt --human organizer` is the
     live version (README, "Humans in the organization").
 
+    ## Recursive organizers: a worker that organizes
+
+    With `--depth 2` a worker may fork its own workers, with the same tags inside its own thread; its
+    `<JOIN-i>` waits exactly as the organizer's does, so a join of a sub-organizer waits on its whole
+    subtree. Ids are scoped to the thread that forked them: worker `2.1` is worker 1 of worker 2. The
+    pool capacity c is one pool shared by every level. The depth-2 countdown traces
+    (`traces.countdown_tree_trace`) give each larger number of a pair a sub-organizer, which forks a
+    pair worker per pair. Below, one such trace at c = 8, replayed through the executor (every thread
+    writes its trace's tokens), and its timeline next to the protocol's reference.
+    """),
+    code("""
+    import tasks
+    num = P.Tokenizer.numbers()
+    row2 = tasks.make_puzzles("countdown", "small", n=1, seed=3, split="train")[0]
+    tree = traces.make_trace(row2, "async", random.Random(0), 8, depth=2)
+    tree_scripts = {}
+    for path, pieces in [("", tree.organizer), *tree.workers.items()]:
+        ids, mask = traces.encode(pieces[1:], num)   # the trained tokens, the ones a model writes
+        tree_scripts[path] = [t for t, m in zip(ids, mask) if m]
+
+    def force_tree(episode, thread):
+        s = tree_scripts.get(thread.path, [])
+        return s[thread.generated] if thread.generated < len(s) else num.pad
+
+    torch.manual_seed(0)
+    replayer = GPT(GPTConfig.preset("tiny", num.n_vocab, block_size=2048, n_layer=1)).eval()
+    cfg2 = E.RunConfig(capacity=8, depth=2, batch_episodes=1, temperature=0, max_organizer_tokens=2000,
+                       max_worker_tokens=2000, max_episode_tokens=20000)
+    (tree_episode,) = E.Executor(replayer, num, cfg2).run([row2], force=force_tree)
+    tree_rec = A.record(tree_episode, num, cfg2)
+    print(A.show_timeline(tree_rec))
+    print("the protocol's critical path:", P.critical_path(tree.parse(num, 8)), "| errors:", tree_rec["format_errors"])
+    """),
+    md("""
+    Read the sub-organizers' rows (`worker 1`, `worker 2`, ...): they think, fork their pair workers
+    (`worker 1.1`, ...), wait at their joins (`.`) and return their finds to the organizer. On the
+    paper preset (12 numbers, 66 pairs) one organizer's ids stop at 32 pairs, while the tree reaches
+    them all and finds about twice the answers (BENCHMARKS.md, "Recursive organizers").
+
     ## Exercises
 
-    1. **calc for the workers.** Workers cannot fork (depth 1). Write traces where the organizer
+    1. **calc for the workers.** At depth 1 workers cannot fork. Write traces where the organizer
        uses `calc` to compute a distance a worker would otherwise compute, and measure with
        `traces.py stats` what that does to latency.
     2. **The price of a call.** Train RL from a checking model with `--tool-cost 0.02` and with 0:
