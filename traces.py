@@ -33,11 +33,14 @@ nothing).
 
     <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
     <FORK-1>12 9 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>12 5 of ...</FORK-2><FORK-3>...</FORK-3>
-    <JOIN-1>12+9+4+5</JOIN-1> ok 12+9+4+5
+    <JOIN-1>12+9+4+5</JOIN-1> ok A12+9+4+5
     <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
-    <FORK-5>...</FORK-5><JOIN-3>12*3-(2+4)</JOIN-3> ok 12+9+4+5, 12*3-(2+4)
+    <FORK-5>...</FORK-5><JOIN-3>12*3-(2+4)</JOIN-3> ok A12+9+4+5, B12*3-(2+4)
     ...
-    <ANSWER>12+9+4+5, 12*3-(2+4), ..., ...</ANSWER>      (a copy of the last tally)
+    <ANSWER>A12+9+4+5, B12*3-(2+4), C..., D...</ANSWER>      (a copy of the last tally)
+
+  The letters label the items of the running list so that copying it is unambiguous
+  (protocol.labelled says why); the verifier reads the answer without them.
 
 Sudoku 4x4 (cells r1c1..r4c4, grid row-major, '.' blank). An attempt fills one UNIT (a row):
 for each blank cell it writes the digits the cell's row, column and box exclude and what is
