@@ -553,7 +553,7 @@ class Executor:
                     except ValueError:
                         pass  # not an expression after all: not "correct-looking"
         parts = [votes.most_common(1)[0][0]] if votes else list(union.values())[:row.get("k", 1)]
-        org.inject(tok.encode(P.answer_text(parts)))
+        org.inject(tok.encode(P.answer_text(parts, labels=row["task"] == "countdown")))
         org.state, org.finish_step = DONE, self.clock
         self.end(org.episode, ANSWERED)
 

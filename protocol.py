@@ -549,12 +549,27 @@ def error_names(errors):
 ANSWER_SEPARATOR = ", "
 
 
-def answer_text(parts):
-    """The organizer's final answer: answer_text(['5+3+2', '7+3']) -> '<ANSWER>5+3+2, 7+3</ANSWER>'."""
-    return f"{ANSWER}{ANSWER_SEPARATOR.join(parts) or 'none'}{ANSWER_END}"
+def labelled(parts):
+    """A countdown list as the organizer writes it, each expression after its letter:
+    labelled(['12+8-1', '12+5+2']) -> 'A12+8-1, B12+5+2'.
+
+    Why the letters: the organizer copies its running list of finds into every tally and then
+    into the answer, and a small model copies by looking up the tokens it just wrote. Unlabelled,
+    the items of one list share their first tokens ("12+8-1, 12+5+2": after "12" and "+", is it
+    8 or 5?) and a copy jumps from item to item. With the letter straight before the first
+    number, the two tokens before each early token name the item ("B", "12" -> "+"), so every
+    lookup has one answer (BENCHMARKS.md, "Labelled lists")."""
+    return ANSWER_SEPARATOR.join(f"{chr(ord('A') + j)}{p}" for j, p in enumerate(parts))
+
+
+def answer_text(parts, labels=False):
+    """The organizer's final answer: answer_text(['5+3+2', '7+3']) -> '<ANSWER>5+3+2, 7+3</ANSWER>';
+    with labels=True (countdown traces) -> '<ANSWER>A5+3+2, B7+3</ANSWER>'."""
+    return f"{ANSWER}{(labelled(parts) if labels else ANSWER_SEPARATOR.join(parts)) or 'none'}{ANSWER_END}"
 
 
 _EXPRESSION = re.compile(r"^[0-9+\-*/() ]+$")
+_LABEL = re.compile(r"^[A-Z](?=[0-9(])")  # a labelled item's letter (see `labelled`)
 
 
 def parse_answer(text, task):
@@ -563,6 +578,8 @@ def parse_answer(text, task):
 
     >>> parse_answer("5+3+2, 7+3", "countdown")
     ['5+3+2', '7+3']
+    >>> parse_answer("A5+3+2, B7+3", "countdown")   # a labelled list: the letters are dropped
+    ['5+3+2', '7+3']
     >>> parse_answer("1234341221434321", "sudoku")
     ['1234341221434321']
     """
@@ -570,7 +587,7 @@ def parse_answer(text, task):
     if text == "none" and task in ("countdown", "sudoku"):  # nothing found: a valid, empty answer
         return []
     if task == "countdown":
-        parts = [p.strip() for p in text.split(",")]
+        parts = [_LABEL.sub("", p.strip()) for p in text.split(",")]
         ok = parts and all(p and _EXPRESSION.match(p) and any(c.isdigit() for c in p) for p in parts)
         return parts if ok else None
     if task == "sudoku":

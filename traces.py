@@ -33,11 +33,14 @@ nothing).
 
     <ORGANIZER>countdown 4 of 2 3 4 5 9 12 to 30
     <FORK-1>12 9 of 2 3 4 5 9 12 to 30</FORK-1><FORK-2>12 5 of ...</FORK-2><FORK-3>...</FORK-3>
-    <JOIN-1>12+9+4+5</JOIN-1> ok 12+9+4+5
+    <JOIN-1>12+9+4+5</JOIN-1> ok A12+9+4+5
     <FORK-4>...</FORK-4><JOIN-2>none</JOIN-2> no
-    <FORK-5>...</FORK-5><JOIN-3>12*3-(2+4)</JOIN-3> ok 12+9+4+5, 12*3-(2+4)
+    <FORK-5>...</FORK-5><JOIN-3>12*3-(2+4)</JOIN-3> ok A12+9+4+5, B12*3-(2+4)
     ...
-    <ANSWER>12+9+4+5, 12*3-(2+4), ..., ...</ANSWER>      (a copy of the last tally)
+    <ANSWER>A12+9+4+5, B12*3-(2+4), C..., D...</ANSWER>      (a copy of the last tally)
+
+  The letters label the items of the running list so that copying it is unambiguous
+  (protocol.labelled says why); the verifier reads the answer without them.
 
 Recursive organizers (depth 2, `countdown_tree_trace`): the organizer splits the pairs by their
 larger number: a sub-organizer per number a ("12 of 2 3 4 5 9 12 to 30": the pairs (12, b) for
@@ -275,13 +278,13 @@ class Organizer:
         self.pieces.append((f"{self.results[i]}{close}", False))  # injected by the executor
         return self.results[i]
 
-    def answer(self, parts):
-        self.say(P.answer_text(parts))
+    def answer(self, parts, labels=False):
+        self.say(P.answer_text(parts, labels))
 
 
 def sequential_trace(row, text, answers):
     """The organizer alone: its search text, then the answer."""
-    org = [(P.organizer_prompt(P.question_text(row)), False), (f"{text}\n{P.answer_text(answers)}", True)]
+    org = [(P.organizer_prompt(P.question_text(row)), False), (f"{text}\n{P.answer_text(answers, labels=row['task'] == 'countdown')}", True)]
     return Trace(row, "sequential", org, {}, answers)
 
 
@@ -349,13 +352,13 @@ def tally(found, exprs, k):
 
     >>> found = {}
     >>> tally(found, ["12+9+4+5"], 4), tally(found, [], 4), tally(found, ["12*3-6", "12+5+4+9"], 4)
-    ('ok 12+9+4+5', 'no', 'ok 12+9+4+5, 12*3-6')
+    ('ok A12+9+4+5', 'no', 'ok A12+9+4+5, B12*3-6')
     """
     before = list(found.values())[:k]
     for expr in exprs:
         found.setdefault(tasks.canonical(expr), expr)
     now = list(found.values())[:k]
-    return f"ok {P.ANSWER_SEPARATOR.join(now)}" if now != before else "no"
+    return f"ok {P.labelled(now)}" if now != before else "no"
 
 
 def countdown_search(numbers, target, k, pairs):
@@ -472,7 +475,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
             joined = org.join(i)
             org.say(f" {tally(found, P.parse_answer(joined, 'countdown'), k)}\n")
         answers = list(found.values())[:k]
-        org.answer(answers)
+        org.answer(answers, labels=True)
         return Trace(row, mode, org.pieces, org.workers, answers)
 
     if mode != "async":
@@ -504,7 +507,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
 
     run_plan(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
-    org.answer(answers)
+    org.answer(answers, labels=True)
     return Trace(row, mode, org.pieces, org.workers, answers, tools=org.tools)
 
 
