@@ -845,12 +845,13 @@ TRAINING = [
     The loss falls fast at first (the format: tags, the fixed words of the tally, the shape of a
     line of arithmetic) and then slowly. A model of this size needs thousands of steps to get the
     numbers right: the default `cpu` recipe (the 1M-parameter `small` model, `python train.py --stage sft`, which
-    fills a 12-minute budget: ~2,500 steps on a 2-core box, its matrices trained with Muon,
+    fills a 16-minute budget: ~3,500 steps on a 2-core box, its matrices trained with Muon,
     `muon.py`, each input carrying the two tokens before it, "smear 2") finds, on 500 test
-    puzzles, at least one correct expression in about three quarters of them, two in half, three
-    in a quarter and all four in ~8%, with ~18% format errors; at 3,500 steps all four reach 8 and
-    26% on two seeds. The workers find all four between them far more often than that: the
-    organizer loses them when it copies its running tally into the answer. `BENCHMARKS.md` keeps
+    puzzles, at least one correct expression in 95-98% of them, two in 84-90%, three in 50-67% and
+    all four in 18-35% (two seeds), with 1-4% format errors. The workers find all four between them
+    more often than that: the organizer loses them when it copies its running list of finds into
+    the next tally and the answer. The letters that label the list's items (`ok A12+8-1, B12+5+2`)
+    make those copies unambiguous and doubled all four on one seed. `BENCHMARKS.md` keeps
     the figures, `diagnose.py` the reasons.
 
     ## The GRPO reward, by hand
