@@ -254,25 +254,26 @@ def test_timed_sft_plans_its_steps_and_a_resume_keeps_the_plan(tmp_path):
     flag that repeats it, saved in the checkpoint's config, and kept by --resume (a new timing
     would change the learning-rate schedule half way)."""
     d = tmp_path / "timed"
+    first = train.TIMED_STEPS[1]  # the plan is made after the timed steps
     r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "1",
-            "--stop-at", "30")
+            "--stop-at", str(first + 5))
     assert r.returncode == 0, r.stderr
     plan = re.search(r"so (\d+) steps fill --sft-minutes 1 \(to repeat this run: --sft-steps (\d+)\)", r.stdout)
     assert plan and plan.group(1) == plan.group(2), r.stdout
     planned = int(plan.group(1))
-    assert planned > 30  # the tiny model takes well under 2 s per step
+    assert planned > first + 5  # the tiny model takes well under 0.5 s per step
     ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 30 and ckpt["train_config"]["sft_steps"] == planned
-    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--resume", "--stop-at", "32")
+    assert ckpt["step"] == first + 5 and ckpt["train_config"]["sft_steps"] == planned
+    r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--resume", "--stop-at", str(first + 7))
     assert r.returncode == 0, r.stderr
     assert "steps fill" not in r.stdout + r.stderr  # no second timing
     ckpt = torch.load(d / "sft.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 32 and ckpt["train_config"]["sft_steps"] == planned
+    assert ckpt["step"] == first + 7 and ckpt["train_config"]["sft_steps"] == planned
     # a budget that ends during the timed steps stops right after them, with a checkpoint
     d = tmp_path / "short"
     r = run("--stage", "sft", *TINY, "--run-dir", str(d), "--sft-steps", "0", "--sft-minutes", "0.0001")
     assert r.returncode == 0, r.stderr
-    assert torch.load(d / "sft.pt", map_location="cpu", weights_only=True)["step"] == 25
+    assert torch.load(d / "sft.pt", map_location="cpu", weights_only=True)["step"] == first
     for flags in (["--sft-minutes", "0"], ["--sft-steps", "-1"]):  # refused before any training
         r = run("--stage", "sft", *TINY, "--run-dir", str(tmp_path / "refused"), *flags)
         assert r.returncode == 2 and "--sft-steps must be >= 0" in r.stderr
