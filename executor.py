@@ -444,8 +444,10 @@ class Executor:
         """Depth > 1, as a fork closes: do more than c threads hold the episode's pool now? The
         organizer and every worker from its fork to its join (a join in this very step still
         holds its place: protocol.pool_overflows)."""
+        if self.cfg.depth == 1:  # depth 1: advance counts the organizer's own c-1 workers
+            return False
         held = 1 + sum(1 for w in ep.threads[1:] if w.join_step is None or w.join_step >= self.clock)
-        return self.cfg.depth > 1 and held > self.cfg.capacity
+        return held > self.cfg.capacity
 
     def fits(self, th, extra=0):
         """Whether th's slot can take its pending tokens, `extra` more, and one more sample."""
@@ -461,14 +463,22 @@ class Executor:
             return self.call_tool(parent, i, *call)
         if self.ask_person is not None and self.ask_person(parent, i, self.tok.decode(parent.query)):
             return self.person_worker(parent, i)
-        # P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text
-        prompt = [self.tok.worker] + parent.query + self.tok.encode("\n")
+        prompt = self.worker_prompt(parent)
         if len(prompt) + 1 > self.cache.max_len:
             return self.end(parent.episode, CONTEXT_FULL)
         worker = Thread(parent.episode, "worker", i, prompt, parent, fork_step=self.clock)
+        self.queue.append(worker)
+        self.adopt(parent, i, worker)
+
+    def worker_prompt(self, parent):
+        """P.worker_prompt(sub_query), built from the sampled ids: never re-tokenize model text."""
+        return [self.tok.worker] + parent.query + self.tok.encode("\n")
+
+    def adopt(self, parent, i, worker):
+        """Worker i (a model, a tool or a person) joins its parent's children and the episode;
+        a fork that overflows the shared pool (depth > 1) ends the episode."""
         parent.children[i] = worker
         parent.episode.threads.append(worker)
-        self.queue.append(worker)
         if self.overflows(parent.episode):
             self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
 
@@ -482,21 +492,14 @@ class Executor:
         worker.state, worker.start_step = DONE, self.clock
         worker.finish_step = self.clock + P.TOOL_STEPS
         worker.active = [(self.clock + 1, self.clock + P.TOOL_STEPS)]
-        parent.children[i] = worker
-        parent.episode.threads.append(worker)
-        if self.overflows(parent.episode):
-            self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
+        self.adopt(parent, i, worker)
 
     def person_worker(self, parent, i):
         """Worker i is a person (chat.py routes it with `ask_person`): HUMAN, no slot, nothing
         decoded, until chat.py writes the person's <RETURN> and calls finish()."""
-        worker = Thread(parent.episode, "worker", i, [self.tok.worker] + parent.query + self.tok.encode("\n"),
-                        parent, fork_step=self.clock)
+        worker = Thread(parent.episode, "worker", i, self.worker_prompt(parent), parent, fork_step=self.clock)
         worker.feed, worker.human, worker.state, worker.start_step = [], True, HUMAN, self.clock
-        parent.children[i] = worker
-        parent.episode.threads.append(worker)
-        if self.overflows(parent.episode):
-            self.end(parent.episode, DUPLICATE_OR_OVERFLOW)
+        self.adopt(parent, i, worker)
 
     def join_worker(self, th, i):
         """<JOIN-i> was decoded: continue with the takeaway now, or wait for worker i."""
