@@ -457,29 +457,42 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
             raise ValueError(f"depth {depth} traces: only async countdown at depth 2")
         return countdown_tree_trace(row, rng, capacity, sub_organizers, state_capacity)
     numbers, target, k = row["numbers"], row["target"], row["k"]
-    question = P.question_text(row)
     pairs = pairs_in_order(numbers)[:P.MAX_FORKS]
     if mode == "sequential":
         text, found = countdown_search(numbers, target, k, pairs)
         return sequential_trace(row, text, list(found.values())[:k])
 
     if mode == "parallel":
-        n = n_parallel or capacity - 1
-        org, found = Organizer(P.organizer_prompt(question)), {}
-        for i in range(1, n + 1):
-            own = pairs[:]
-            rng.shuffle(own)
-            text, got = countdown_search(numbers, target, k, own)
-            org.fork(i, question, text, P.ANSWER_SEPARATOR.join(got.values()) or "none")
-        for i in range(1, n + 1):
-            joined = org.join(i)
-            org.say(f" {tally(found, P.parse_answer(joined, 'countdown'), k)}\n")
-        answers = list(found.values())[:k]
-        org.answer(answers, labels=True)
-        return Trace(row, mode, org.pieces, org.workers, answers)
-
+        return countdown_parallel_trace(row, rng, pairs, n_parallel or capacity - 1)
     if mode != "async":
         raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
+    return countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity)
+
+
+def countdown_parallel_trace(row, rng, pairs, n):
+    """Parallel: n workers each search the whole question in their own random order of the
+    pairs; the organizer joins them all and answers the union."""
+    numbers, target, k = row["numbers"], row["target"], row["k"]
+    question = P.question_text(row)
+    org, found = Organizer(P.organizer_prompt(question)), {}
+    for i in range(1, n + 1):
+        own = pairs[:]
+        rng.shuffle(own)
+        text, got = countdown_search(numbers, target, k, own)
+        org.fork(i, question, text, P.ANSWER_SEPARATOR.join(got.values()) or "none")
+    for i in range(1, n + 1):
+        joined = org.join(i)
+        org.say(f" {tally(found, P.parse_answer(joined, 'countdown'), k)}\n")
+    answers = list(found.values())[:k]
+    org.answer(answers, labels=True)
+    return Trace(row, "parallel", org.pieces, org.workers, answers)
+
+
+def countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity):
+    """Async: one worker per pair, at most c - 1 at once, stop forking at k (see
+    countdown_trace for the plan hint, the check tool and the stated capacity)."""
+    numbers, target, k = row["numbers"], row["target"], row["k"]
+    question = P.question_text(row)
     actions = None
     if rng.random() < hint_share:
         actions = P.sample_plan(rng, rng.randint(2, min(8, len(pairs))), capacity)
@@ -508,7 +521,7 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
     run_plan(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
     org.answer(answers, labels=True)
-    return Trace(row, mode, org.pieces, org.workers, answers, tools=org.tools)
+    return Trace(row, "async", org.pieces, org.workers, answers, tools=org.tools)
 
 
 WRONG_SHARE = 0.2  # check traces: the share of finds a worker returns with one number changed
