@@ -56,9 +56,10 @@ tokens of the batch, whatever thread they belong to, so each token counts once: 
 organizer weighs 500 tokens, a 30-token worker 30. Averaging per thread first would give a
 3-token worker the pull of the whole organizer and make short threads dominate the update.
 
-Two options beside the paper's one shared reward, for comparison at equal wall time:
+Three options beside the paper's one shared reward, for comparison at equal wall time:
 `thread_advantages` (train.py --credit thread: each worker's <RETURN> is verified on its own,
-~7 signals per structure instead of 1) and `rft_advantages` (--advantage rft: rejection-sampling
+~7 signals per structure instead of 1), `copy_advantages` (--credit copy: the organizer's answer
+is checked against what its workers returned, the list copy that loses most answers) and `rft_advantages` (--advantage rft: rejection-sampling
 fine-tuning on the model's own entirely correct structures, the baseline GRPO must beat).
 """
 
@@ -157,7 +158,27 @@ def worker_reward(th, row, tok):
                                   for p in parts))
 
 
-def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
+def copy_score(ep, rec, tok):
+    """How faithfully a countdown organizer delivered what its workers found: the distinct
+    correct expressions in its answer (the record's n_correct, at most k) minus the distinct
+    correct expressions its workers returned (at most k). 0: it delivered all that came back;
+    -2: it dropped or mis-copied two. None for a structure with a format error (it has no answer
+    to check) or another task.
+
+    Workers return 12+8-1 and 12+5+2 (both right, k = 4); the answer copies 12+8-1 and writes
+    12+5-2 (wrong): 1 - 2 = -1."""
+    if rec["format_errors"] or rec["task"] != "countdown":
+        return None
+    found = set()
+    for th in ep.threads[1:]:
+        parts = P.parse_answer(tok.decode(th.result), "countdown") if th.state == "done" else None
+        found |= {tasks.canonical(p) for p in parts or []
+                  if tasks.check_countdown(p, rec["numbers"], rec["target"]) is None}
+    k = rec.get("k", 1)
+    return float(min(rec["n_correct"], k) - min(len(found), k))
+
+
+def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR, records=None):
     """[[advantage of each thread] per episode]. credit 'shared' (the paper): every thread of a
     structure gets the structure's advantage. credit 'thread': the organizer keeps it, and each
     countdown worker that returned is scored by `worker_reward` against the workers of the same
@@ -172,6 +193,8 @@ def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
     out = [[adv] * len(ep.threads) for ep, adv in zip(episodes, advs)]
     if credit == "shared":
         return out
+    if credit == "copy":
+        return copy_advantages(episodes, records, out, group, tok)
     for g in range(0, len(episodes), group):
         by_query = {}  # sub-query ids -> [(episode, thread index, reward)]
         for e in range(g, min(g + group, len(episodes))):
@@ -187,6 +210,27 @@ def thread_advantages(episodes, advs, group, credit, tok, std_floor=STD_FLOOR):
             a = (rs - rs.mean()) / rs.std(unbiased=False).clamp(min=std_floor)
             for (e, j, _), value in zip(members, a.tolist()):
                 out[e][j] = value
+    return out
+
+
+def copy_advantages(episodes, records, out, group, tok):
+    """credit 'copy': every thread keeps the structure's advantage, and each organizer's tokens
+    also get the rank of its copy_score among the valid structures of its question,
+    (s - mean) / max(std, 1): the organizer is paid for delivering what came back, apart from
+    the workers' luck in finding it. Scores are whole answers, so a spread below one answer is
+    not blown up.
+
+    Worked example, G = 4, copy scores 0, 0, -1 and None (a format error): mean -1/3, std 0.47
+    -> floored at 1 -> the organizers get +0.33, +0.33, -0.67 and 0 added to their advantage."""
+    for g in range(0, len(episodes), group):
+        members = [(e, s) for e in range(g, min(g + group, len(episodes)))
+                   if (s := copy_score(episodes[e], records[e], tok)) is not None]
+        if len(members) < 2:
+            continue
+        ss = torch.tensor([s for _, s in members], dtype=torch.float64)
+        ranks = (ss - ss.mean()) / ss.std(unbiased=False).clamp(min=1.0)
+        for (e, _), value in zip(members, ranks.tolist()):
+            out[e][0] += value
     return out
 
 

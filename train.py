@@ -99,7 +99,8 @@ class TrainConfig:
     advantage: str = "zscore"       # zscore | mean | rft (rejection-sampling fine-tuning: the
                                     # baseline, grpo.rft_advantages)
     credit: str = "shared"          # shared (the paper: one advantage per structure) | thread
-                                    # (each worker's <RETURN> verified: grpo.thread_advantages)
+                                    # (each worker's <RETURN> verified: grpo.thread_advantages) |
+                                    # copy (the organizer's answer checked against the returns)
     no_concurrency_reward: bool = False
     # tool workers (tools.py): forks to "calc: ..." / "check: ..." answered by a tool, not the model
     tools: str = ""                 # e.g. "check" or "calc,check": what rollouts and evaluations run
@@ -643,7 +644,7 @@ def train_rl(cfg, rank, world, device, log):
             advs = grpo.rft_advantages(rewards)
         else:
             advs = grpo.advantages([r.total for r in rewards], cfg.group, cfg.advantage)
-        thread_advs = grpo.thread_advantages(episodes, advs, cfg.group, cfg.credit, tok)
+        thread_advs = grpo.thread_advantages(episodes, advs, cfg.group, cfg.credit, tok, records=records)
         t_rollout = time.perf_counter() - t0
 
         # 2. updates
@@ -738,8 +739,8 @@ def check_flags(cfg, error):
         error("--check-share needs --tools check, and --tool-cost must be >= 0")
     if cfg.dtype not in ("float32", "bfloat16"):
         error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.credit not in ("shared", "thread") or cfg.advantage not in ("zscore", "mean", "rft"):
-        error("--credit must be shared or thread, and --advantage zscore, mean or rft")
+    if cfg.credit not in ("shared", "thread", "copy") or cfg.advantage not in ("zscore", "mean", "rft"):
+        error("--credit must be shared, thread or copy, and --advantage zscore, mean or rft")
     if cfg.number_init not in ("fourier", "random"):
         error(f"--number-init must be fourier or random, got {cfg.number_init!r}")
     if cfg.capacity < 2 and cfg.mode != "sequential":

@@ -198,3 +198,28 @@ def test_thread_credit_by_hand():
     got = sorted(round(a, 6) for *_, adv, seg in batches for b in range(seg.size(0))
                  for s in seg[b].unique().tolist() if (a := adv[b][seg[b] == s][0].item()) != 0.0)
     assert got == [-1.0, -1.0, -0.5, 0.5, 1.0, 1.0]
+
+
+def test_copy_credit_by_hand():
+    """credit 'copy': the organizer's answer is checked against what its workers returned.
+    Puzzle 1..6 -> 3, k = 2. Structure 0: workers return 1+2 and 6/2 (two right), the answer
+    copies both: copy score 2 - 2 = 0. Structure 1: the same returns, the answer mis-copies one
+    (1+2, 6/3): 1 - 2 = -1. Structure 2: a worker returns 2+4 (wrong) and none; the answer 1+2
+    is the organizer's own find: 1 - 0 = +1. Mean 0, std sqrt(2/3) = 0.816 -> floored at 1: the
+    organizers get +0, -1, +1 on top of their shared advantages; workers keep theirs."""
+    from test_executor import fork, join, scripted, text, tiny_model, tok, worker_script
+    rows = [{"task": "countdown", "numbers": [1, 2, 3, 4, 5, 6], "target": 3, "k": 2}]
+    answer = lambda s: [tok.answer] + text(s) + [tok.answer_end]
+    org = lambda s: fork(1, "a") + fork(2, "b") + join(1) + join(2) + answer(s)
+    s0 = {0: org("1+2, 6/2"), 1: worker_script(2, "1+2"), 2: worker_script(1, "6/2")}
+    s1 = {0: org("1+2, 6/3"), 1: worker_script(2, "1+2"), 2: worker_script(1, "6/2")}
+    s2 = {0: org("1+2"), 1: worker_script(2, "2+4"), 2: worker_script(1, "none")}
+    cfg = E.RunConfig(mode="async", capacity=4)
+    eps = E.Executor(tiny_model(), tok, cfg).run(rows * 3, force=scripted([s0, s1, s2]))
+    recs = [A.record(ep, tok, cfg) for ep in eps]
+    assert [grpo.copy_score(ep, rec, tok) for ep, rec in zip(eps, recs)] == [0.0, -1.0, 1.0]
+    advs = grpo.thread_advantages(eps, [0.5, -0.5, 0.0], 3, "copy", tok, records=recs)
+    assert advs == [pytest.approx([0.5, 0.5, 0.5]), pytest.approx([-1.5, -0.5, -0.5]),
+                    pytest.approx([1.0, 0.0, 0.0])]
+    broken = {**recs[0], "format_errors": ["unjoined"]}
+    assert grpo.copy_score(eps[0], broken, tok) is None

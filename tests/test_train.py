@@ -94,7 +94,7 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--ckpt-every", "0", "--ckpt-every must be positive"),
     ("--hint-share", "1.5", "--hint-share must lie in [0, 1]"),
     ("--dtype", "float16", "--dtype must be float32 or bfloat16"),
-    ("--credit", "organizer", "--credit must be shared or thread"),
+    ("--credit", "organizer", "--credit must be shared, thread or copy"),
     ("--advantage", "best", "--advantage zscore, mean or rft"),
     ("--organizer-weight", "0", "--organizer-weight must be positive"),
     ("--muon-lr", "-0.1", "--muon-lr must be >= 0"),
@@ -299,7 +299,7 @@ def test_rl_reference_is_the_sft_model_also_on_resume(sft_run, tmp_path):
 def test_rl_with_thread_credit_and_rft_runs(sft_run, tmp_path):
     """Both RL options run end to end on the tiny preset and log the per-step picture."""
     d, _ = sft_run
-    for flags in (["--credit", "thread"], ["--advantage", "rft"]):
+    for flags in (["--credit", "thread"], ["--credit", "copy"], ["--advantage", "rft"]):
         run_dir = tmp_path / flags[1]
         run_dir.mkdir()
         (run_dir / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
