@@ -437,7 +437,7 @@ def countdown_tree_trace(row, rng: random.Random, capacity=4, sub_organizers=Non
 
     run_plan(org, len(groups), m + 1, None, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
-    org.answer(answers)
+    org.answer(answers, labels=True)
     workers = {**{str(i): pieces for i, pieces in org.workers.items()}, **org.nested}
     return Trace(row, "async", org.pieces, workers, answers, depth=2)
 
