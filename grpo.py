@@ -59,8 +59,9 @@ organizer weighs 500 tokens, a 30-token worker 30. Averaging per thread first wo
 Three options beside the paper's one shared reward, for comparison at equal wall time:
 `thread_advantages` (train.py --credit thread: each worker's <RETURN> is verified on its own,
 ~7 signals per structure instead of 1), `copy_advantages` (--credit copy: the organizer's answer
-is checked against what its workers returned, the list copy that loses most answers) and `rft_advantages` (--advantage rft: rejection-sampling
-fine-tuning on the model's own entirely correct structures, the baseline GRPO must beat).
+is checked against what its workers returned, the list copy that loses most answers) and
+`rft_advantages` (--advantage rft: rejection-sampling fine-tuning on the model's own entirely
+correct structures, the baseline GRPO must beat).
 """
 
 from dataclasses import dataclass
@@ -153,9 +154,14 @@ def worker_reward(th, row, tok):
     parts = P.parse_answer(tok.decode(th.result), "countdown")
     if parts is None:
         return -1.0
-    right = {tasks.canonical(p) for p in parts if tasks.check_countdown(p, row["numbers"], row["target"]) is None}
+    right = correct_set(parts, row)
     return float(len(right) - sum(tasks.check_countdown(p, row["numbers"], row["target"]) is not None
                                   for p in parts))
+
+
+def correct_set(parts, row):
+    """The distinct correct countdown expressions among parts (canonical forms)."""
+    return {tasks.canonical(p) for p in parts if tasks.check_countdown(p, row["numbers"], row["target"]) is None}
 
 
 def copy_score(ep, rec, tok):
@@ -171,9 +177,8 @@ def copy_score(ep, rec, tok):
         return None
     found = set()
     for th in ep.threads[1:]:
-        parts = P.parse_answer(tok.decode(th.result), "countdown") if th.state == "done" else None
-        found |= {tasks.canonical(p) for p in parts or []
-                  if tasks.check_countdown(p, rec["numbers"], rec["target"]) is None}
+        if th.state == "done":
+            found |= correct_set(P.parse_answer(tok.decode(th.result), "countdown") or [], rec)
     k = rec.get("k", 1)
     return float(min(rec["n_correct"], k) - min(len(found), k))
 
