@@ -304,7 +304,8 @@ def run_config(args):
     return cfg
 
 
-def main(argv=None):
+def build_parser():
+    """The command line: solve, init, compare and chat."""
     ap = cli.ArgumentParser(description="AsyncThink: run the Fork/Join executor.")
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("solve", help="solve puzzles from a JSONL file (rows of `tasks.py make`)")
@@ -319,6 +320,21 @@ def main(argv=None):
     i.add_argument("--seed", type=int, default=0)
     sub.add_parser("compare", help="paired comparison of two solve outputs (see compare.py)", add_help=False)
     sub.add_parser("chat", help="a person as organizer or worker beside the model (runs chat.py)", add_help=False)
+    return ap
+
+
+def init_command(args):
+    """`init`: a randomly initialised checkpoint of a model preset, to try the executor."""
+    torch.manual_seed(args.seed)
+    tok = P.Tokenizer.numbers()
+    model = GPT(GPTConfig.preset(args.preset, tok.n_vocab))
+    save_checkpoint(args.out, model, tokenizer=tok.spec())
+    print(f"checkpoint: {args.out} ({model.num_params() / 1e6:.2f}M parameters, random weights)")
+    return 0
+
+
+def main(argv=None):
+    ap = build_parser()
     argv = argv if argv is not None else sys.argv[1:]
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
@@ -328,12 +344,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         if args.command == "init":
-            torch.manual_seed(args.seed)
-            tok = P.Tokenizer.numbers()
-            model = GPT(GPTConfig.preset(args.preset, tok.n_vocab))
-            save_checkpoint(args.out, model, tokenizer=tok.spec())
-            print(f"checkpoint: {args.out} ({model.num_params() / 1e6:.2f}M parameters, random weights)")
-            return 0
+            return init_command(args)
         cfg = run_config(args)
         rows = tasks.load_jsonl(args.input)
         if not rows:

@@ -372,15 +372,7 @@ class Executor:
     def advance(self, th, t, logprob):
         """The state machine: one decoded token t of thread th."""
         ep, tok, cfg = th.episode, self.tok, self.cfg
-        th.out.append(t); th.injected.append(False); th.logprobs.append(logprob)
-        th.feed.append(t)
-        th.generated += 1
-        ep.generated += 1
-        th.logits = None
-        if th.active and th.active[-1][1] == self.clock - 1:
-            th.active[-1] = (th.active[-1][0], self.clock)
-        else:
-            th.active.append((self.clock, self.clock))
+        self.write_token(th, t, logprob)
         kind, i = tok.tag(t) or ("text", 0)
         if th.open_fork is not None:  # writing a sub-query
             if kind == "text":
@@ -421,8 +413,25 @@ class Executor:
             self.join_worker(th, i)
         else:
             return self.end(ep, STRAY_TAG)
-        if ep.done:
-            return
+        if not ep.done:
+            self.check_limits(th)
+
+    def write_token(self, th, t, logprob):
+        """Write decoded token t into th: its output, its log-prob, the next step's input, the
+        token counts and th's decode-step intervals on the clock (for the timeline)."""
+        th.out.append(t); th.injected.append(False); th.logprobs.append(logprob)
+        th.feed.append(t)
+        th.generated += 1
+        th.episode.generated += 1
+        th.logits = None
+        if th.active and th.active[-1][1] == self.clock - 1:
+            th.active[-1] = (th.active[-1][0], self.clock)
+        else:
+            th.active.append((self.clock, self.clock))
+
+    def check_limits(self, th):
+        """End th's episode if a token limit is reached or th's slot is full."""
+        cfg, ep = self.cfg, th.episode
         limit = cfg.max_organizer_tokens if th.role == "organizer" else cfg.max_worker_tokens
         if ep.generated >= cfg.max_episode_tokens:
             self.end(ep, EPISODE_LIMIT)

@@ -414,26 +414,38 @@ def parse_thread(ids, tok: Tokenizer, role, capacity, errors, injected=None, lev
             errors.append(error)
             continue
         if kind == "fork":
-            if i in forked:
-                errors.append(f"{DUPLICATE_ID}: <FORK-{i}> used twice")
-            elif depth == 1 and len(outstanding) >= capacity - 1:
-                errors.append(f"{POOL_OVERFLOW}: <FORK-{i}> while {len(outstanding)} workers run (c={capacity})")
+            fork_errors(i, forked, outstanding, capacity, depth, errors)
             forked.add(i); outstanding.add(i)
             open_fork, query = i, []
         elif kind == "join":
-            if i not in outstanding and depth > 1:
-                th.stray_joins.append(i)  # unknown or foreign: that needs the parent (stray_join_errors)
-            elif i not in outstanding:
-                errors.append(f"{UNKNOWN_JOIN}: <JOIN-{i}> of a worker not running")
-            else:
-                th.events.append(Event("join", i, th.generated))
-                outstanding.discard(i)
+            join_event(th, i, outstanding, depth, errors)
         elif kind in ("answer", "return"):
             result_kind, result = kind, []
         else:
             errors.append(f"{STRAY_TAG}: {tok.decode([t])} generated")
     errors.extend(end_of_thread_errors(th, open_fork, outstanding))
     return th
+
+
+def fork_errors(i, forked, outstanding, capacity, depth, errors):
+    """The checks of <FORK-i>: an id used twice; at depth 1, a fork while the organizer's
+    c - 1 workers all run (deeper, the shared pool is checked by `parse` on the whole tree)."""
+    if i in forked:
+        errors.append(f"{DUPLICATE_ID}: <FORK-{i}> used twice")
+    elif depth == 1 and len(outstanding) >= capacity - 1:
+        errors.append(f"{POOL_OVERFLOW}: <FORK-{i}> while {len(outstanding)} workers run (c={capacity})")
+
+
+def join_event(th, i, outstanding, depth, errors):
+    """<JOIN-i> in thread th: the join event if worker i runs; at depth > 1 an unknown id may
+    be a parent's or a sibling's worker, which only the whole tree tells (stray_join_errors)."""
+    if i not in outstanding and depth > 1:
+        th.stray_joins.append(i)
+    elif i not in outstanding:
+        errors.append(f"{UNKNOWN_JOIN}: <JOIN-{i}> of a worker not running")
+    else:
+        th.events.append(Event("join", i, th.generated))
+        outstanding.discard(i)
 
 
 def wrong_role(kind, role, level=0, depth=1):

@@ -489,23 +489,32 @@ def train_sft(cfg, rank, world, device, log):
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or last):
             save(path, model, optimizer, step + 1, rng, cfg, tok.spec())
 
-    step, t_start = start, time.perf_counter()
+    step = start
     if not cfg.sft_steps:  # 1. a timed run: time this machine's steps, then plan the budget
-        timed_from, first = start + TIMED_STEPS[0], start + TIMED_STEPS[1]
-        while step < min(first, cfg.stop_at or first):
-            if step == timed_from:
-                t_timed = time.perf_counter()
-            train_step(step)
-            step += 1
-        if step == first:
-            cfg = plan_sft_steps(cfg, t_start, t_timed, step, world, device, bar)
-            bar.total = cfg.stop_at or cfg.sft_steps
-            if step >= bar.total and rank == 0:  # the budget ended within the timed steps
-                save(path, model, optimizer, step, rng, cfg, tok.spec())
+        step, cfg = timed_start(cfg, start, train_step, world, device, bar)
+        if cfg.sft_steps and step >= bar.total and rank == 0:  # the budget ended in the timed steps
+            save(path, model, optimizer, step, rng, cfg, tok.spec())
     for step in range(step, cfg.stop_at or cfg.sft_steps):  # 2. the fixed-length loop
         train_step(step)
     bar.close()
     return path
+
+
+def timed_start(cfg, start, train_step, world, device, bar):
+    """The first TIMED_STEPS[1] steps of a timed run (fewer under --stop-at), timing steps
+    TIMED_STEPS[0] onwards; then the plan (plan_sft_steps). Returns (next step, cfg with the
+    planned sft_steps, or unchanged when stopped before the plan)."""
+    step, t_start = start, time.perf_counter()
+    timed_from, first = start + TIMED_STEPS[0], start + TIMED_STEPS[1]
+    while step < min(first, cfg.stop_at or first):
+        if step == timed_from:
+            t_timed = time.perf_counter()
+        train_step(step)
+        step += 1
+    if step == first:
+        cfg = plan_sft_steps(cfg, t_start, t_timed, step, world, device, bar)
+        bar.total = cfg.stop_at or cfg.sft_steps
+    return step, cfg
 
 
 # -----------------------------------------------------------------------------
