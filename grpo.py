@@ -159,6 +159,24 @@ def worker_reward(th, row, tok):
                                   for p in parts))
 
 
+def worker_precision(episodes, tok):
+    """The share of the expressions countdown workers returned that are right (each checked
+    against its episode's puzzle; "none" returns nothing): how often a worker's claim is true.
+    0.0 when no worker returned an expression. Workers return 12+8-1 and 12+8+1 for target
+    19 from 1 4 5 7 8 12: one of two right, 0.5."""
+    right = returned = 0
+    for ep in episodes:
+        if ep.row["task"] != "countdown":
+            continue
+        for th in ep.threads[1:]:
+            if th.role != "worker" or th.tool is not None or th.state != "done":
+                continue
+            parts = P.parse_answer(tok.decode(th.result), "countdown") or []
+            returned += len(parts)
+            right += sum(tasks.check_countdown(p, ep.row["numbers"], ep.row["target"]) is None for p in parts)
+    return right / returned if returned else 0.0
+
+
 def correct_set(parts, row):
     """The distinct correct countdown expressions among parts (canonical forms)."""
     return {tasks.canonical(p) for p in parts if tasks.check_countdown(p, row["numbers"], row["target"]) is None}

@@ -305,7 +305,8 @@ PANELS = [
     ("sft", "SFT: greedy on validation puzzles", "share of puzzles",
      [("eval_format_ok", "format valid"), ("eval_ge1", ">=1 correct"), ("eval_all", "all correct")]),
     ("rl", "RL: accuracy", "share of puzzles",
-     [("reward_accuracy", "R_A (sampled)"), ("eval_ge1", ">=1 (greedy, val)"), ("eval_all", "all correct (greedy, val)")]),
+     [("reward_accuracy", "R_A (sampled)"), ("worker_precision", "workers' returns right"),
+      ("eval_ge1", ">=1 (greedy, val)"), ("eval_all", "all correct (greedy, val)")]),
     ("rl", "RL: reward and its parts", "reward",
      [("reward", "R (total)"), ("reward_accuracy", "R_A"), ("reward_concurrency", "R_eta")]),
     ("rl", "RL: structure", "eta / c", [("eta_over_c", "eta / c (sampled)")]),
@@ -609,9 +610,10 @@ def rl_update(net, optimizer, ref, batches, cfg, device, autocast):
     return stats
 
 
-def rl_metrics(cfg, episodes, records, rewards, advs):
+def rl_metrics(cfg, episodes, records, rewards, tok, advs):
     """The whole RL picture of one step's rollouts: reward parts, accuracy, format errors,
-    structure (latency, eta, forks, tokens) and the groups that carried no signal."""
+    structure (latency, eta, forks, tokens), the workers' returns and the groups that carried
+    no signal."""
     n = len(records)
     mean = lambda values: sum(values) / n
     return {
@@ -625,6 +627,7 @@ def rl_metrics(cfg, episodes, records, rewards, advs):
         "eta_over_c": mean(rec["concurrency"] for rec in records) / cfg.capacity,
         "tokens": mean(rec["tokens"] for rec in records),
         "forks": mean(len(ep.organizer.children) for ep in episodes),
+        "worker_precision": grpo.worker_precision(episodes, tok),
         "skipped_groups": grpo.skipped_groups(advs, cfg.group)}
 
 
@@ -666,7 +669,7 @@ def train_rl(cfg, rank, world, device, log):
 
         # 3. log
         gen_tokens = sum(r["tokens"] for r in records)
-        row = all_mean({**rl_metrics(cfg, episodes, records, rewards, advs), **stats,
+        row = all_mean({**rl_metrics(cfg, episodes, records, rewards, tok, advs), **stats,
                         "rollout_tokens_per_s": gen_tokens / t_rollout,
                         "rollout_s": t_rollout, "update_s": t_update}, world, device)
         row = {"stage": "rl", "step": step + 1, **{k: round(v, 4) for k, v in row.items()}}

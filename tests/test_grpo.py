@@ -189,6 +189,8 @@ def test_thread_credit_by_hand():
     cfg = E.RunConfig(mode="async", capacity=4)
     eps = E.Executor(tiny_model(), tok, cfg).run(ROWS * 2, force=scripted([s0, s1]))
     assert [grpo.worker_reward(th, ROWS[0], tok) for th in eps[1].threads[1:]] == [-1.0, 2.0, 1.0]
+    # RL's log: of the five expressions returned (1+2 | 2+4, 6/2, 1+2, 5-2) four are right
+    assert grpo.worker_precision(eps, tok) == pytest.approx(4 / 5)
     advs = grpo.thread_advantages(eps, [0.5, -0.5], 2, "thread", tok)
     assert advs[0] == pytest.approx([0.5, 1.0, -1.0])
     assert advs[1] == pytest.approx([-0.5, -1.0, 1.0, 0.0])
