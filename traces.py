@@ -443,7 +443,7 @@ def countdown_tree_trace(row, rng: random.Random, capacity=4, sub_organizers=Non
 
 
 def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, hint_share=0.5,
-                    check_share=0.0, state_capacity=False, depth=1, sub_organizers=None):
+                    check_share=0.0, state_capacity=False, depth=1, sub_organizers=None, width_share=0.0):
     """Sequential: all pairs in order in one thread. Parallel: N workers each do that search
     on the whole question in their own random order, the organizer answers the union. Async:
     one worker per pair, at most c-1 at once, stop forking at k. With check_share, that share
@@ -451,7 +451,8 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
     (check_calls) and tally only those it calls "ok"; in those, WRONG_SHARE of the workers that
     found something return a wrong variant instead (and are not trained on), so the organizer
     sees what a "no" means. state_capacity: the async prompt states c ("capacity 6"). depth 2:
-    countdown_tree_trace (sub-organizers)."""
+    countdown_tree_trace (sub-organizers). width_share: that share of the async traces without a
+    plan keep fewer workers busy (see countdown_async_trace)."""
     if depth > 1:
         if mode != "async" or depth > 2:
             raise ValueError(f"depth {depth} traces: only async countdown at depth 2")
@@ -466,7 +467,8 @@ def countdown_trace(row, mode, rng: random.Random, capacity=4, n_parallel=None, 
         return countdown_parallel_trace(row, rng, pairs, n_parallel or capacity - 1)
     if mode != "async":
         raise ValueError(f"unknown mode {mode!r} (sequential, parallel, async)")
-    return countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity)
+    return countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity,
+                                 width_share)
 
 
 def countdown_parallel_trace(row, rng, pairs, n):
@@ -488,9 +490,16 @@ def countdown_parallel_trace(row, rng, pairs, n):
     return Trace(row, "parallel", org.pieces, org.workers, answers)
 
 
-def countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity):
+def countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, state_capacity,
+                          width_share=0.0):
     """Async: one worker per pair, at most c - 1 at once, stop forking at k (see
-    countdown_trace for the plan hint, the check tool and the stated capacity)."""
+    countdown_trace for the plan hint, the check tool and the stated capacity).
+
+    width_share: that share of the traces without a plan keep only w workers busy, w drawn from
+    1..c - 2 (w = 1 at c = 4: fork, join, fork, join, ...; slower, the same answers). Nothing in
+    the prompt says w, so a model trained on them chooses a width itself, by sampling: the
+    diverse structures from which RL's concurrency reward can pick (the paper's structure
+    initialization). 0 (the default): every trace keeps c - 1 busy."""
     numbers, target, k = row["numbers"], row["target"], row["k"]
     question = P.question_text(row)
     actions = None
@@ -518,7 +527,10 @@ def countdown_async_trace(row, rng, pairs, capacity, hint_share, check_share, st
             got = check_calls(org, got, row, checks)
         org.say(f" {tally(found, got, k)}\n")
 
-    run_plan(org, len(pairs), capacity, actions, on_fork, on_join, lambda: len(found) >= k)
+    width = capacity - 1
+    if actions is None and width_share and capacity > 2 and rng.random() < width_share:
+        width = rng.randint(1, capacity - 2)
+    run_plan(org, len(pairs), width + 1, actions, on_fork, on_join, lambda: len(found) >= k)
     answers = list(found.values())[:k]
     org.answer(answers, labels=True)
     return Trace(row, "async", org.pieces, org.workers, answers, tools=org.tools)
@@ -680,13 +692,15 @@ def tally_drill(numbers, rng: random.Random, n_items=(1, 4)):
 # Command line: look at traces, and measure them
 
 def trace_stats(task, mode, n=200, seed=0, capacity=4, hint_share=0.5, check_share=0.0, preset="small",
-                depth=1, same_pairs=False):
+                depth=1, same_pairs=False, width_share=0.0):
     """Token lengths, latency, eta and answer quality of n traces (the default tokenizer).
     depth 2: countdown_tree_trace (same_pairs: on the pairs a depth-1 organizer reaches)."""
     tok = P.Tokenizer.numbers()
     rng = random.Random(seed)
     org, work, lat, eta, full, found = [], [], [], [], 0, 0
     checks = dict(check_share=check_share) if check_share and task == "countdown" and mode == "async" else {}
+    if width_share and task == "countdown" and mode == "async":
+        checks["width_share"] = width_share
     for row in tasks.make_puzzles(task, preset, n=n, seed=seed, split="train"):
         if depth > 1:
             trace = countdown_tree_trace(row, rng, capacity, same_pairs=same_pairs)
@@ -721,6 +735,8 @@ def main(argv=None):
     ap.add_argument("--hint-share", type=float, default=0.5, help="share of async traces with a plan in the prompt")
     ap.add_argument("--check-share", type=float, default=0.0,
                     help="share of async countdown traces that check each find with the check tool")
+    ap.add_argument("--width-share", type=float, default=0.0,
+                    help="share of async countdown traces without a plan that keep fewer than c-1 workers busy")
     ap.add_argument("--preset", choices=sorted(tasks.COUNTDOWN_PRESETS), default="small",
                     help="countdown puzzle size ('paper': 12 numbers, targets 100..999)")
     ap.add_argument("--depth", type=int, default=1, choices=[1, 2],
@@ -728,12 +744,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.depth == 2 and (args.task != "countdown" or args.mode not in (None, "async")):
         ap.error("--depth 2 traces are async countdown ones")
-    if args.capacity < 2 or args.n <= 0 or not 0 <= args.hint_share <= 1 or not 0 <= args.check_share <= 1:
-        ap.error("need --capacity >= 2, --n > 0, and --hint-share and --check-share in [0, 1]")
+    if args.capacity < 2 or args.n <= 0 or not all(0 <= x <= 1 for x in (args.hint_share, args.check_share, args.width_share)):
+        ap.error("need --capacity >= 2, --n > 0, and --hint-share, --check-share and --width-share in [0, 1]")
     if args.command == "show":
         row = tasks.make_puzzles(args.task, args.preset, n=1, seed=args.seed, split="train")[0]
         mode = args.mode or "async"
         checks = dict(check_share=args.check_share) if args.check_share and args.task == "countdown" else {}
+        if args.width_share and args.task == "countdown" and mode == "async":
+            checks["width_share"] = args.width_share
         if args.depth == 2:
             checks = dict(depth=2)
         print(make_trace(row, mode, random.Random(args.seed), args.capacity, hint_share=args.hint_share,
@@ -746,7 +764,8 @@ def main(argv=None):
           "| latency | eta | traces with all k answers |")
     print("|---|---|---|---|---|---|---|---|")
     for mode in [args.mode] if args.mode else ["sequential", "parallel", "async"]:
-        s = trace_stats(args.task, mode, args.n, args.seed, args.capacity, args.hint_share, args.check_share)
+        s = trace_stats(args.task, mode, args.n, args.seed, args.capacity, args.hint_share, args.check_share,
+                        width_share=args.width_share)
         print(f"| {s['task']} | {mode} | {s['organizer_mean']:.0f} / {s['organizer_max']} "
               f"| {s['worker_mean']:.0f} / {s['worker_max']} | {s['workers_per_episode']:.1f} "
               f"| {s['latency']:.0f} | {s['eta']:.2f} | {100 * s['complete']:.0f}% |")

@@ -105,6 +105,9 @@ class TrainConfig:
     # tool workers (tools.py): forks to "calc: ..." / "check: ..." answered by a tool, not the model
     tools: str = ""                 # e.g. "check" or "calc,check": what rollouts and evaluations run
     check_share: float = 0.0        # share of async countdown traces that check each find (needs check)
+    width_share: float = 0.0        # share of async countdown traces without a plan that keep fewer
+                                    # than c - 1 workers busy (traces.countdown_async_trace): sampled
+                                    # structures for RL's concurrency reward to choose from
     tool_cost: float = 0.0          # RL: reward minus this per tool call (0: calls are free)
     # capacity as an input: "2-16" writes each async trace for a c drawn from 2..16, stated in the
     # organizer's prompt ("capacity 6"), so `solve --capacity c` runs one model at any c in range
@@ -159,6 +162,8 @@ def sft_sequences(cfg, tok, rng, n_episodes, block_size):
     for _ in range(n_episodes):
         row = new_puzzle(cfg, task_of(cfg, rng), rng)
         checks = dict(check_share=cfg.check_share) if row["task"] == "countdown" and cfg.check_share else {}
+        if row["task"] == "countdown" and cfg.mode == "async" and cfg.width_share:
+            checks["width_share"] = cfg.width_share
         capacity, stated = cfg.capacity, {}
         if cfg.capacities and cfg.mode == "async":
             capacity, stated = rng.randint(*P.capacity_range(cfg.capacities)), dict(state_capacity=True)
@@ -733,7 +738,7 @@ def check_flags(cfg, error):
     for name in ("copy_drills", "eval_every", "stop_at", "warmup", "kl_coef", "lam", "muon_lr"):
         if getattr(cfg, name) < 0:
             error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("hint_share", "check_share"):
+    for name in ("hint_share", "check_share", "width_share"):
         if not 0 <= getattr(cfg, name) <= 1:
             error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
     try:

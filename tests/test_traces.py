@@ -86,6 +86,23 @@ def test_default_async_topology_keeps_the_pool_busy(rows):
     assert P.plan_of(trace.parse(tok, 4)).startswith("F1 F2 F3 J1")
 
 
+def test_narrow_async_traces_keep_w_workers_busy_and_find_the_same_answers(rows):
+    """width_share 1 at c = 4: every trace without a plan keeps w = 1 or 2 workers busy (the
+    plan's running count of forks minus joins never passes w, and the first join comes after
+    exactly w forks), both widths occur, and the answers are those of the full-width trace."""
+    widths = set()
+    for j, row in enumerate(rows["countdown"]):
+        wide = traces.make_trace(row, "async", random.Random(j), capacity=4, hint_share=0.0)
+        narrow = traces.make_trace(row, "async", random.Random(j), capacity=4, hint_share=0.0, width_share=1.0)
+        plan = P.plan_of(narrow.parse(tok, 4)).split()
+        busy = [sum(1 if a[0] == "F" else -1 for a in plan[:n + 1]) for n in range(len(plan))]
+        w = plan.index(next(a for a in plan if a[0] == "J"))
+        assert max(busy) == w and w in (1, 2) and plan[:w] == [f"F{i}" for i in range(1, w + 1)]
+        assert narrow.answers == wide.answers
+        widths.add(w)
+    assert widths == {1, 2}
+
+
 def test_sft_masks(rows):
     """Prompts and injected join results get no loss; the tags the model writes do."""
     trace = traces.make_trace(rows["countdown"][0], "async", random.Random(0), hint_share=0.0)
