@@ -316,6 +316,7 @@ PANELS = [
      [("reward", "R (total)"), ("reward_accuracy", "R_A"), ("reward_concurrency", "R_eta")]),
     ("rl", "RL: structure", "eta / c", [("eta_over_c", "eta / c (sampled)")]),
     ("rl", "RL: length", "decode steps / tokens", [("latency", "latency (critical path)"), ("tokens", "tokens per episode")]),
+    ("rl", "RL: tool calls", "calls per episode", [("tool_calls", "tool calls (sampled)")]),
     ("rl", "RL: format errors and dead groups", "share",
      [("format_error_rate", "format errors (sampled)"), ("skipped_groups", "groups with no signal")]),
     ("rl", "RL: policy drift", "nats per token", [("entropy", "entropy"), ("kl", "KL to SFT")]),
@@ -617,8 +618,8 @@ def rl_update(net, optimizer, ref, batches, cfg, device, autocast):
 
 def rl_metrics(cfg, episodes, records, rewards, tok, advs):
     """The whole RL picture of one step's rollouts: reward parts, accuracy, format errors,
-    structure (latency, eta, forks, tokens), the workers' returns and the groups that carried
-    no signal."""
+    structure (latency, eta, forks, tokens), the workers' returns, the groups that carried no
+    signal and (with --tools) the tool calls per episode."""
     n = len(records)
     mean = lambda values: sum(values) / n
     return {
@@ -633,7 +634,8 @@ def rl_metrics(cfg, episodes, records, rewards, tok, advs):
         "tokens": mean(rec["tokens"] for rec in records),
         "forks": mean(len(ep.organizer.children) for ep in episodes),
         "worker_precision": grpo.worker_precision(episodes, tok),
-        "skipped_groups": grpo.skipped_groups(advs, cfg.group)}
+        "skipped_groups": grpo.skipped_groups(advs, cfg.group),
+        **({"tool_calls": mean(rec.get("tool_calls", 0) for rec in records)} if cfg.tools else {})}
 
 
 def train_rl(cfg, rank, world, device, log):

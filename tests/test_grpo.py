@@ -23,6 +23,14 @@ def test_reward_defaults_by_hand():
     assert grpo.reward(rec(4, 2.0, ["unjoined-fork: ..."]), 4).total == -0.5
 
 
+def test_tool_cost_by_hand():
+    # 3 tool calls at 0.05 each: 2 of 4 right at eta 1.5 -> 0.5 + 0.2 * (0.375 / 0.75) - 0.15 = 0.45;
+    # a structure with a format error pays the penalty only
+    r = grpo.reward({**rec(2, 1.5), "tool_calls": 3}, 4, tool_cost=0.05)
+    assert r.total == pytest.approx(0.45) and r.accuracy == 0.5
+    assert grpo.reward({**rec(2, 1.5, ["stray-tag: ..."]), "tool_calls": 3}, 4, tool_cost=0.05).total == -0.5
+
+
 def test_reward_parts_by_hand():
     # tau = 0.5, lambda = 0.2, c = 4 (given explicitly)
     r = grpo.reward(rec(4, 2.0), 4, 0.5, 0.2)

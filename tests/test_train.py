@@ -297,13 +297,16 @@ def test_rl_reference_is_the_sft_model_also_on_resume(sft_run, tmp_path):
 
 
 def test_rl_with_thread_credit_and_rft_runs(sft_run, tmp_path):
-    """Both RL options run end to end on the tiny preset and log the per-step picture."""
+    """The RL options (credit, RFT, a tool cost) run end to end on the tiny preset and log the
+    per-step picture."""
     d, _ = sft_run
-    for flags in (["--credit", "thread"], ["--credit", "copy"], ["--advantage", "rft"]):
+    for flags in (["--credit", "thread"], ["--credit", "copy"], ["--advantage", "rft"],
+                  ["--tools", "check", "--tool-cost", "0.05"]):
         run_dir = tmp_path / flags[1]
         run_dir.mkdir()
         (run_dir / "sft.pt").write_bytes((d / "sft.pt").read_bytes())
         r = run("--stage", "rl", *TINY, "--run-dir", str(run_dir), "--rl-steps", "1", *flags)
         assert r.returncode == 0, r.stderr
         row = __import__("json").loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        assert {"eta_over_c", "tokens", "skipped_groups"} <= set(row)
+        assert {"eta_over_c", "tokens", "skipped_groups", "worker_precision"} <= set(row)
+        assert ("tool_calls" in row) == ("--tools" in flags)  # logged (and drawn) with tools only
