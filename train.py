@@ -756,6 +756,8 @@ def check_flags(cfg, error):
             error(f"--capacity {cfg.capacity} (evaluation, RL) must lie in --capacities {cfg.capacities}")
     if (cfg.check_share and "check" not in tools) or cfg.tool_cost < 0:
         error("--check-share needs --tools check, and --tool-cost must be >= 0")
+    if cfg.width_share and (cfg.mode != "async" or cfg.depth > 1):
+        error("--width-share shapes depth-1 async traces: it needs --mode async and --depth 1")
     if cfg.dtype not in ("float32", "bfloat16"):
         error(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.credit not in ("shared", "thread", "copy") or cfg.advantage not in ("zscore", "mean", "rft"):

@@ -101,11 +101,20 @@ def test_foreign_and_corrupt_checkpoints_are_refused(sft_run, tmp_path):
     ("--tools", "calc,search", "--tools: unknown tool 'search'"),
     ("--check-share", "0.5", "--check-share needs --tools check"),
     ("--check-share", "1.5", "--check-share must lie in [0, 1]"),
+    ("--width-share", "1.5", "--width-share must lie in [0, 1]"),
 ])
 def test_out_of_range_flags_are_refused_with_one_line(flag, value, message, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse_args([flag, value])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_width_share_needs_depth_1_async(capsys):
+    for other in (["--mode", "parallel"], ["--depth", "2"]):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--width-share", "0.5", *other])
+        assert e.value.code == 2 and "--width-share shapes depth-1 async traces" in capsys.readouterr().err
+    assert train.parse_args(["--width-share", "0.5"]).width_share == 0.5
 
 
 def test_a_save_killed_midway_leaves_the_old_checkpoint(tmp_path, monkeypatch):
