@@ -1077,26 +1077,24 @@ TRAINING = [
     code("""
     import json, os
     from course import ROOT
+    from train import smooth   # the trailing mean curves.png draws
     runs_dir = os.path.join(ROOT, "notebooks", "rl_runs")
     read = lambda name: [json.loads(line) for line in open(os.path.join(runs_dir, name + ".jsonl"))]
-    smooth = lambda ys, w=6: [sum(ys[max(0, i - w + 1):i + 1]) / len(ys[max(0, i - w + 1):i + 1]) for i in range(len(ys))]
+    panels = [("eta_over_c", "structure: eta / c of the sampled episodes", "eta / c",
+               [("width_lam1", "λ = 1 (concurrency rewarded)", "tab:green"),
+                ("width_lam0", "λ = 0 (accuracy only)", "tab:grey")]),
+              ("tool_calls", "tools: check calls per sampled episode", "calls per episode",
+               [("tools_cost0", "no price per call", "tab:blue"),
+                ("tools_cost005", "--tool-cost 0.05", "tab:red")])]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, label, color in [("width_lam1", "λ = 1 (concurrency rewarded)", "tab:green"),
-                               ("width_lam0", "λ = 0 (accuracy only)", "tab:grey")]:
-        rows = read(name)
-        steps = [r["step"] for r in rows]
-        axes[0].plot(steps, [r["eta_over_c"] for r in rows], color=color, alpha=0.3)
-        axes[0].plot(steps, smooth([r["eta_over_c"] for r in rows]), color=color, label=label)
-    axes[0].set_title("structure: eta / c of the sampled episodes")
-    axes[0].set_xlabel("RL step (16 episodes each)"); axes[0].set_ylabel("eta / c"); axes[0].legend()
-    for name, label, color in [("tools_cost0", "no price per call", "tab:blue"),
-                               ("tools_cost005", "--tool-cost 0.05", "tab:red")]:
-        rows = read(name)
-        steps = [r["step"] for r in rows]
-        axes[1].plot(steps, [r["tool_calls"] for r in rows], color=color, alpha=0.3)
-        axes[1].plot(steps, smooth([r["tool_calls"] for r in rows]), color=color, label=label)
-    axes[1].set_title("tools: check calls per sampled episode")
-    axes[1].set_xlabel("RL step (16 episodes each)"); axes[1].set_ylabel("calls per episode"); axes[1].legend()
+    for ax, (key, title, ylabel, runs) in zip(axes, panels):
+        for name, label, color in runs:
+            rows = read(name)
+            steps, ys = [r["step"] for r in rows], [r[key] for r in rows]
+            ax.plot(steps, ys, color=color, alpha=0.3)
+            ax.plot(steps, smooth(ys, 6), color=color, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("RL step (16 episodes each)"); ax.set_ylabel(ylabel); ax.legend()
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
