@@ -41,7 +41,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's value
     rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
     tie_embeddings: bool = True  # lm_head reuses the token embedding matrix, as GPT-2 does
-    smear: int = 0  # each token's input also carries the 1 (or 2) tokens before it (GPT.embed)
+    smear: int = 0  # each token's input also carries the 1, 2 or 3 tokens before it (GPT.embed)
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -275,6 +275,7 @@ class GPT(nn.Module):
         # smear: a learned map of the previous token's embedding, added to each token's input
         self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 1 else None
         self.smear2 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 2 else None
+        self.smear3 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 3 else None
         # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
         # was tried against the small model's "reads out a neighbour of the right number" errors
         # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
@@ -287,7 +288,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for smear in (self.smear, self.smear2):
+        for smear in (self.smear, self.smear2, self.smear3):
             if smear is not None:
                 nn.init.zeros_(smear.weight)  # starts as the plain GPT; training opens it
 
@@ -312,7 +313,7 @@ class GPT(nn.Module):
         follows "7" in both; the two tokens before ("7", "+") tell them apart one step sooner.
         """
         x = self.transformer.wte(idx)
-        for lag, smear in enumerate((self.smear, self.smear2), start=1):
+        for lag, smear in enumerate((self.smear, self.smear2, self.smear3), start=1):
             if smear is not None:  # no such predecessor near a sequence's start
                 has_prev = (pos >= lag).unsqueeze(-1).to(x.dtype)
                 x = x + smear(self.transformer.wte(prev[..., lag - 1])) * has_prev

@@ -14,13 +14,13 @@ V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear", "rotary-smear2"])
+@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear", "rotary-smear2", "rotary-smear3"])
 def model(request):
     torch.manual_seed(0)
-    smear = {"rotary-smear": 1, "rotary-smear2": 2}.get(request.param, 0)
+    smear = {"rotary-smear": 1, "rotary-smear2": 2, "rotary-smear3": 3}.get(request.param, 0)
     m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param != "learned-positions",
                              smear=smear))
-    for w in (m.smear, m.smear2):  # they start at zero (the plain GPT): open them, or the oracle proves nothing
+    for w in (m.smear, m.smear2, m.smear3):  # they start at zero (the plain GPT): open them, or the oracle proves nothing
         if w is not None:
             torch.nn.init.normal_(w.weight, std=0.5)
     return m.eval()
@@ -55,6 +55,23 @@ def test_smear2_adds_the_two_previous_tokens_through_their_maps():
     x = m.embed(idx, prev, pos)[0]
     expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9] + W @ wte[7] + W2 @ wte[3],
                             wte[4], wte[5] + W @ wte[4]])
+    torch.testing.assert_close(x, expected)
+
+
+def test_smear3_adds_the_three_previous_tokens_through_their_maps():
+    """Oracle by hand, smear 3: input t = wte[x_t] + W wte[x_{t-1}] + W2 wte[x_{t-2}] +
+    W3 wte[x_{t-3}], each term only where that predecessor exists in its segment."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, smear=3, rope=True))
+    assert m.smear3.weight.abs().sum() == 0
+    for w in (m.smear, m.smear2, m.smear3):
+        torch.nn.init.normal_(w.weight)
+    wte, W, W2, W3 = m.transformer.wte.weight, m.smear.weight, m.smear2.weight, m.smear3.weight
+    idx, pos = torch.tensor([[3, 7, 9, 4, 5]]), torch.tensor([[0, 1, 2, 3, 0]])  # segments of 4 and 1
+    prev = torch.tensor([[[0, 0, 0], [3, 0, 0], [7, 3, 0], [9, 7, 3], [4, 9, 7]]])  # (B, T, 3)
+    x = m.embed(idx, prev, pos)[0]
+    expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9] + W @ wte[7] + W2 @ wte[3],
+                            wte[4] + W @ wte[9] + W2 @ wte[7] + W3 @ wte[3], wte[5]])
     torch.testing.assert_close(x, expected)
 
 
