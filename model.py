@@ -56,15 +56,15 @@ class GPTConfig:
 # small is sized for a 15-minute CPU budget, where the model sees only a few million tokens:
 # at equal wall time n_embd 128 (1.6x the steps) beat 192 (SFT loss 0.088 vs 0.140, distance
 # arithmetic 82% vs 63% right; BENCHMARKS.md). A bigger model needs a bigger budget.
-# small also has smear 2 (GPT.embed: the two tokens before each input, two 128 x 128 maps): the
-# largest accuracy gain measured at this budget, on two seeds (BENCHMARKS.md "Smear 2"); medium
-# is not measured with it yet.
+# small also has smear 3 (GPT.embed: the three tokens before each input, three 128 x 128 maps):
+# the largest accuracy gains measured at this budget (smear 2 over none, then smear 3 over 2:
+# the organizer's list copies; BENCHMARKS.md "Smear 3"); medium is not measured with it yet.
 # The trained presets use rotary positions: AsyncThink threads copy numbers from their prompt
 # and from joined results, and copying needs "look k tokens back" heads, which rotary gives
 # for free and a learned table must learn at every position (measured in BENCHMARKS.md).
 PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=32, block_size=256),
-    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, rope=True, smear=2),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=1024, rope=True, smear=3),
     "medium": dict(n_layer=8, n_head=8, n_embd=512, block_size=2048, rope=True),
 }
 
@@ -303,7 +303,8 @@ class GPT(nn.Module):
 
         With config.smear, token t's input is wte[t] + W wte[prev] (prev (B, T, S): the S tokens
         before it, the nearest first; pos (B, T) or (T,): its position, 0 where a sequence starts
-        and there is none). With smear 2 it also gets W2 wte[the token two back]. Why:
+        and there is none). With smear 2 it also gets W2 wte[the token two back], with smear 3
+        W3 wte[the token three back]. Why:
         copying is "find the earlier X, write what came after it". A plain transformer needs two
         layers for that (one head moves each token's predecessor into it, a second head matches
         the query against it: an induction head), and in our 15-minute runs that circuit forms
@@ -311,6 +312,8 @@ class GPT(nn.Module):
         (Olsson et al. 2022 call these "smeared keys"; modded-nanogpt's smear gate does the same).
         One predecessor is ambiguous when a pair repeats: copying "8+7+2" beside "11+7+4", "+"
         follows "7" in both; the two tokens before ("7", "+") tell them apart one step sooner.
+        Two are still ambiguous inside a labelled list: in "A12+8-1, B12+7" the token after
+        ("12", "+") is 8 in one item and 7 in the other; three ("B", "12", "+") name the item.
         """
         x = self.transformer.wte(idx)
         for lag, smear in enumerate((self.smear, self.smear2, self.smear3), start=1):
