@@ -41,7 +41,7 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5  # GPT-2's value
     rope: bool = False  # rotary position embedding instead of GPT-2's learned one (see rotary())
     tie_embeddings: bool = True  # lm_head reuses the token embedding matrix, as GPT-2 does
-    smear: int = 0  # each token's input also carries the 1, 2 or 3 tokens before it (GPT.embed)
+    smear: int = 0  # each token's input also carries the 1 to 4 tokens before it (GPT.embed)
 
     @classmethod
     def preset(cls, name, vocab_size, **overrides):
@@ -276,6 +276,9 @@ class GPT(nn.Module):
         self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 1 else None
         self.smear2 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 2 else None
         self.smear3 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 3 else None
+        self.smear4 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 4 else None
+        if not 0 <= config.smear <= 4:
+            raise ValueError(f"smear {config.smear}: a model carries 0 to 4 tokens before each input")
         # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
         # was tried against the small model's "reads out a neighbour of the right number" errors
         # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
@@ -288,7 +291,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        for smear in (self.smear, self.smear2, self.smear3):
+        for smear in self.smear_maps():
             if smear is not None:
                 nn.init.zeros_(smear.weight)  # starts as the plain GPT; training opens it
 
@@ -298,13 +301,17 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def smear_maps(self):
+        """The maps of the tokens 1, 2, 3 and 4 back (None where config.smear stops short)."""
+        return self.smear, self.smear2, self.smear3, self.smear4
+
     def embed(self, idx, prev, pos):
         """The input of the first block: idx (B, T) -> (B, T, C).
 
         With config.smear, token t's input is wte[t] + W wte[prev] (prev (B, T, S): the S tokens
         before it, the nearest first; pos (B, T) or (T,): its position, 0 where a sequence starts
         and there is none). With smear 2 it also gets W2 wte[the token two back], with smear 3
-        W3 wte[the token three back]. Why:
+        W3 wte[the token three back], with smear 4 W4 wte[the token four back]. Why:
         copying is "find the earlier X, write what came after it". A plain transformer needs two
         layers for that (one head moves each token's predecessor into it, a second head matches
         the query against it: an induction head), and in our 15-minute runs that circuit forms
@@ -316,7 +323,7 @@ class GPT(nn.Module):
         ("12", "+") is 8 in one item and 7 in the other; three ("B", "12", "+") name the item.
         """
         x = self.transformer.wte(idx)
-        for lag, smear in enumerate((self.smear, self.smear2, self.smear3), start=1):
+        for lag, smear in enumerate(self.smear_maps(), start=1):
             if smear is not None:  # no such predecessor near a sequence's start
                 has_prev = (pos >= lag).unsqueeze(-1).to(x.dtype)
                 x = x + smear(self.transformer.wte(prev[..., lag - 1])) * has_prev

@@ -14,13 +14,14 @@ V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear", "rotary-smear2", "rotary-smear3"])
+@pytest.fixture(params=["learned-positions", "rotary", "rotary-smear", "rotary-smear2", "rotary-smear3",
+                        "rotary-smear4"])
 def model(request):
     torch.manual_seed(0)
-    smear = {"rotary-smear": 1, "rotary-smear2": 2, "rotary-smear3": 3}.get(request.param, 0)
+    smear = {"rotary-smear": 1, "rotary-smear2": 2, "rotary-smear3": 3, "rotary-smear4": 4}.get(request.param, 0)
     m = GPT(GPTConfig.preset("tiny", vocab_size=V, block_size=64, rope=request.param != "learned-positions",
                              smear=smear))
-    for w in (m.smear, m.smear2, m.smear3):  # they start at zero (the plain GPT): open them, or the oracle proves nothing
+    for w in m.smear_maps():  # they start at zero (the plain GPT): open them, or the oracle proves nothing
         if w is not None:
             torch.nn.init.normal_(w.weight, std=0.5)
     return m.eval()
@@ -73,6 +74,29 @@ def test_smear3_adds_the_three_previous_tokens_through_their_maps():
     expected = torch.stack([wte[3], wte[7] + W @ wte[3], wte[9] + W @ wte[7] + W2 @ wte[3],
                             wte[4] + W @ wte[9] + W2 @ wte[7] + W3 @ wte[3], wte[5]])
     torch.testing.assert_close(x, expected)
+
+
+def test_smear4_adds_the_fourth_token_back_only_where_it_exists():
+    """Oracle by hand, smear 4: the fourth token back enters through its own map W4, at position
+    4 of a segment and after; position 3 gets the three nearer ones only."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.preset("tiny", vocab_size=V, smear=4, rope=True))
+    assert m.smear4.weight.abs().sum() == 0
+    for w in m.smear_maps():
+        torch.nn.init.normal_(w.weight)
+    wte = m.transformer.wte.weight
+    W = [w.weight for w in m.smear_maps()]
+    idx, pos = torch.tensor([[3, 7, 9, 4, 5]]), torch.tensor([[0, 1, 2, 3, 4]])
+    prev = torch.tensor([[[0, 0, 0, 0], [3, 0, 0, 0], [7, 3, 0, 0], [9, 7, 3, 0], [4, 9, 7, 3]]])  # (B, T, 4)
+    x = m.embed(idx, prev, pos)[0]
+    torch.testing.assert_close(x[3], wte[4] + W[0] @ wte[9] + W[1] @ wte[7] + W[2] @ wte[3])
+    torch.testing.assert_close(x[4], wte[5] + W[0] @ wte[4] + W[1] @ wte[9] + W[2] @ wte[7] + W[3] @ wte[3])
+
+
+@pytest.mark.parametrize("smear", [-1, 5])
+def test_a_smear_outside_0_to_4_is_refused(smear):
+    with pytest.raises(ValueError, match="0 to 4"):
+        GPT(GPTConfig.preset("tiny", vocab_size=V, smear=smear))
 
 
 def test_rotary_is_a_complex_rotation_and_sees_only_relative_position():
