@@ -39,7 +39,9 @@ solve` wrote and follows each answer from the worker that found it to the organi
 (an example output: read it as "the workers rarely find k answers, the organizer rarely copies
 what they found, and a wrong find starts most often at a distance"; BENCHMARKS.md keeps the runs).
 Then the organizer's running list: how often each tally and the answer copy the list before them
-exactly, by its length ("3 items   tally 150 of 308 (49%)   answer 12 of 56 (21%)").
+exactly, by its length ("3 items   tally 150 of 308 (49%)   answer 12 of 56 (21%)"), and for the
+wrong copies the run of tokens it takes to tell the right item from the one copied ("4 tokens 59":
+a head that matches three tokens cannot; see copy_confusions).
 Last, every async worker's text is compared with the one the solver writes for its sub-query,
 and the first token where they part is named by kind (a distance result, a verdict, a copy).
 """
@@ -299,6 +301,41 @@ def list_copies(records):
     return f
 
 
+def copy_confusions(records, tok):
+    """Why a copy of the organizer's list goes wrong: does the wrong token follow the same tokens
+    somewhere else in the list? A Counter of n -> wrong copies, n being the shortest run of tokens
+    before the first wrong one that nowhere else in the list comes before the wrong token. Copying
+    "A12+8-1, B12+7" as "A12+8-1, B12+8", the wrong token is the last "8": "+" comes before an 8
+    in "A12+8", so does "12 +", but "B 12 +" does not: n = 3. A copying head that matches m tokens
+    (the current one and m - 1 before it, through the model's smear: model.GPT.embed) can make
+    this mistake when n > m, and needs another cause when n <= m (the 8 of "A12-8" copied as
+    "A12+8" has n = 1: no "12" comes before a "+"). n = 99: no run tells them apart. Copies cut
+    short (a prefix of the list) are not counted."""
+    f = Counter()
+    for r in records:
+        if r["format_errors"] or r.get("mode") != "async":
+            continue
+        org = r["trace"]["organizer"]
+        lists = TALLY.findall(org)
+        answer = ANSWERED.search(org)
+        copies = list(zip(lists, lists[1:])) + ([(lists[-1], answer[1])] if lists and answer else [])
+        for before, now in copies:
+            src, copy = tok.encode(before), tok.encode(now)
+            i = next((j for j in range(min(len(src), len(copy))) if src[j] != copy[j]), None)
+            if i is None:
+                continue  # exact, or cut short
+            follows = lambda n: any(j != i and src[j - n:j] == src[i - n:i] and src[j] == copy[i]
+                                    for j in range(n, len(src)))
+            f[next((n for n in range(1, i + 1) if not follows(n)), 99)] += 1
+    return f
+
+
+def confusions_table(f):
+    shown = ", ".join(f"{n} {'tokens' if n > 1 else 'token'} {f[n]}" for n in sorted(f) if n < 99)
+    return (f"wrong list copies ({sum(f.values())}), by the run of tokens before the wrong one that "
+            f"tells its item apart: {shown}" + (f", none {f[99]}" if f[99] else ""))
+
+
 def copies_table(f):
     cell = lambda key: f"{f[key][1]} of {f[key][0]} ({100 * f[key][1] / f[key][0]:.0f}%)" if f[key][0] else "-"
     sizes = sorted({n for _, n in f})
@@ -362,6 +399,7 @@ def main(argv=None):
             countdown = [r for r in records if r.get("task") == "countdown"]
             tables = [funnel_table(episode_funnel(countdown)),
                       copies_table(list_copies(countdown)),
+                      confusions_table(copy_confusions(countdown, P.Tokenizer.numbers())),
                       divergence_table(worker_divergence(countdown, P.Tokenizer.numbers()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             return cli.fail("diagnose.py", f"{args.episodes} is not a file asyncthink.py solve wrote "

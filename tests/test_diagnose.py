@@ -122,6 +122,20 @@ def test_list_copies_count_by_hand():
     assert "2 items   tally 0 of 1 (0%)" in diagnose.copies_table(f)
 
 
+def test_copy_confusions_by_hand():
+    """Two wrong copies worked out token by token (A, 12, +, 8, -, 1, ",", " ", B, 12, +, 7): the
+    tally copies B12+7 as B12+8, and "B 12 +" is the shortest run no 8 follows elsewhere (n = 3);
+    the answer copies A12+8-1 as A12-8-1, and no "12" is followed by "-" anywhere (n = 1)."""
+    org = ("<JOIN-1>12+8-1</JOIN-1> ok A12+8-1, B12+7\n"
+           "<JOIN-2>12*2-5</JOIN-2> ok A12+8-1, B12+8, C12*2-5\n"
+           "<JOIN-3>none</JOIN-3> no\n"
+           "<ANSWER>A12-8-1, B12+8, C12*2-5</ANSWER>")
+    record = dict(task="countdown", mode="async", format_errors=[], trace={"organizer": org, "workers": {}})
+    f = diagnose.copy_confusions([record], P.Tokenizer.numbers())
+    assert dict(f) == {3: 1, 1: 1}
+    assert "(2), by the run" in diagnose.confusions_table(f) and "3 tokens 1" in diagnose.confusions_table(f)
+
+
 def test_episodes_flag_refuses_a_file_that_is_not_solve_output(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "countdown"}\n')
