@@ -23,6 +23,7 @@ folder to start over.
 """
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -304,6 +305,12 @@ def discussion(res, asy, best_seq, best_par):
             "every skill is learned from scratch in minutes. The orderings above are therefore "
             "weak evidence; the latency and η columns, which depend on structure rather than "
             "correctness, are the more reliable comparison.")
+    n = res["n_test"]
+    lines.append(
+        f"- Noise: each percentage above is over {n} puzzles, so it carries up to about "
+        f"±{100 * 1.96 * math.sqrt(0.25 / n):.0f} points (95%, at 50%); the rows share their puzzles, "
+        "but a difference of a few points between two rows is not evidence (`python asyncthink.py "
+        "compare` pairs two models' answers puzzle by puzzle on more puzzles).")
     lines.append(
         "- Latency: AsyncThink's critical path is its organizer's own text (a sub-query per fork, a "
         "tally per join), while sequential pays every worker's text in a row and parallel pays its "

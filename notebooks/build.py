@@ -1271,7 +1271,7 @@ EXPERIMENTS = [
     the right *kind* of text but not a valid, correct trajectory (the format-error rate and the stop
     reasons say how the episodes ended — usually a token limit or a malformed tag). Their latencies
     then measure where the episodes broke off, not how fast each mode thinks: **no frontier can be
-    read from them.** Run the experiments command (`python experiments.py`, the `small` CPU budget
+    read from them.** Run the experiments command (`python experiments.py`, the default `cpu` budget
     or `--budget gpu`) and rerun this notebook to get the real comparison; points at 0% with 100%
     format errors mean the same there.
 
