@@ -102,9 +102,12 @@ class TrainingFailed(Exception):
     """A train.py job exited with an error (its log names it)."""
 
 
-def run_jobs(jobs, n_parallel):
-    """Run train.py jobs, n_parallel at a time (each with 1/n_parallel of the CPU threads);
-    each job's output goes to its run folder's train-<stage>.log. Returns [(name, stage, s)]."""
+def run_chains(chains, n_parallel):
+    """Run chains of train.py jobs, n_parallel chains at a time (each process with 1/n_parallel of
+    the CPU threads). A chain runs in order (an RL stage after the SFT stage it starts from); its
+    items are functions that make their job when its turn comes (train_job: None when the stage is
+    done already) or do a step of their own. Each job's output goes to its run folder's
+    train-<stage>.log. Returns [(name, stage, seconds)]."""
     env = dict(os.environ)
     if n_parallel > 1:  # two 1-thread processes beat one 2-thread process on 2 cores
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_parallel))
@@ -124,8 +127,12 @@ def run_jobs(jobs, n_parallel):
         print(f"[experiments] done {name} {stage} in {seconds / 60:.1f} min", flush=True)
         return name, stage, seconds
 
+    def run_chain(chain):
+        jobs = (make() for make in chain)
+        return [one(job) for job in jobs if job is not None]
+
     with ThreadPoolExecutor(max_workers=max(1, n_parallel)) as pool:
-        return list(pool.map(one, [j for j in jobs if j is not None]))
+        return [timing for timings in pool.map(run_chain, chains) for timing in timings]
 
 
 # -----------------------------------------------------------------------------
@@ -435,23 +442,31 @@ def rewrite_report(args):
 
 def train_all(budget, out, seed, device, jobs):
     """Every model the report needs, trained (or reused): three countdown modes, the ablations,
-    three Sudoku modes. All SFT stages first (independent of each other), then all RL stages
-    (each needs its own SFT checkpoint). Returns ({row name: checkpoint}, timings)."""
-    S, R = budget["sft_steps"], budget["rl_steps"]
-    S2, R2 = budget["sudoku_sft_steps"], budget["sudoku_rl_steps"]
-    job = lambda name, st, task, mode, steps, *extra: train_job(
-        budget, out, name, st, task, mode, steps, ["--seed", str(seed), *extra], device)
-    timings = run_jobs([job(f"{task}-{mode}", "sft", task, mode, S if task == "countdown" else S2)
-                        for task in ("countdown", "sudoku") for mode in E.MODES], jobs)
+    three Sudoku modes. One chain per SFT model, its RL stages after it, the longest chain first
+    (parallel traces carry the most tokens): a chain's RL starts as soon as its own SFT is done, so
+    no core waits for the slowest SFT. Returns ({row name: checkpoint}, timings)."""
+    steps = {("countdown", "sft"): budget["sft_steps"], ("countdown", "rl"): budget["rl_steps"],
+             ("sudoku", "sft"): budget["sudoku_sft_steps"], ("sudoku", "rl"): budget["sudoku_rl_steps"]}
+    stage = lambda name, st, task, mode, *extra: lambda: train_job(  # made when its turn comes
+        budget, out, name, st, task, mode, steps[task, st], ["--seed", str(seed), *extra], device)
     no_eta = os.path.join(out, "countdown-async-no-eta")
-    os.makedirs(no_eta, exist_ok=True)
-    if not os.path.exists(os.path.join(no_eta, "sft.pt")):  # the same SFT model, another RL
-        shutil.copy(os.path.join(out, "countdown-async", "sft.pt"), os.path.join(no_eta, "sft.pt"))
-    timings += run_jobs([job(f"{task}-{mode}", "rl", task, mode, R if task == "countdown" else R2)
-                         for task in ("countdown", "sudoku") for mode in E.MODES]
-                        + [job("countdown-async-no-eta", "rl", "countdown", "async", R, "--no-concurrency-reward"),
-                           job("countdown-async-scratch", "rl", "countdown", "async", R, "--from-scratch")],
-                        jobs)
+
+    def copy_async_sft():  # the no-R_η ablation: the same SFT model, another RL
+        os.makedirs(no_eta, exist_ok=True)
+        if not os.path.exists(os.path.join(no_eta, "sft.pt")):
+            shutil.copy(os.path.join(out, "countdown-async", "sft.pt"), os.path.join(no_eta, "sft.pt"))
+
+    chains = [[stage("countdown-parallel", "sft", "countdown", "parallel"),
+               stage("countdown-parallel", "rl", "countdown", "parallel")],
+              [stage("countdown-async", "sft", "countdown", "async"),
+               stage("countdown-async", "rl", "countdown", "async"), copy_async_sft,
+               stage("countdown-async-no-eta", "rl", "countdown", "async", "--no-concurrency-reward")],
+              [stage("countdown-sequential", "sft", "countdown", "sequential"),
+               stage("countdown-sequential", "rl", "countdown", "sequential")],
+              [stage("countdown-async-scratch", "rl", "countdown", "async", "--from-scratch")],
+              *[[stage(f"sudoku-{m}", "sft", "sudoku", m), stage(f"sudoku-{m}", "rl", "sudoku", m)]
+                for m in E.MODES]]
+    timings = run_chains(chains, jobs)
     ckpt = {mode: os.path.join(out, f"countdown-{mode}", "rl.pt") for mode in E.MODES}
     ckpt.update({f"sudoku {m}": os.path.join(out, f"sudoku-{m}", "rl.pt") for m in E.MODES})
     ckpt["async sft"] = os.path.join(out, "countdown-async", "sft.pt")
