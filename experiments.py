@@ -3,7 +3,7 @@ The paper's experiment in miniature: sequential vs parallel vs AsyncThink, the a
 Sudoku, and a capacity sweep. One command trains every model, evaluates them all on the same
 fresh test puzzles, and writes RESULTS.md with its tables and plots (nothing typed by hand).
 
-    python experiments.py                      # CPU default (the cpu recipe), about 2 hours
+    python experiments.py                      # CPU default (the cpu recipe), about 100 minutes
     python experiments.py --budget quick       # minutes, tiny models: a smoke test of the pipeline
     python experiments.py --budget gpu --device cuda
     python experiments.py --rewrite-report     # RESULTS.md again from results/results.json, in seconds
@@ -45,7 +45,7 @@ import train
 # Steps per stage, and tally drills per countdown trace (train.py --copy-drills). "cpu" is
 # train.py's CPU recipe at a fixed 3500 SFT steps (what the README's seeds were measured at: before
 # ~3000 the small model rarely gets all four answers right) and its default 36 RL steps. On 2
-# cores, two jobs at a time, the whole run takes about 2 hours: the parallel model's SFT is the
+# cores, two jobs at a time, the whole run takes about 100 minutes: the parallel model's SFT is the
 # long pole (its traces carry ~2.7x the tokens per step: ~1 hour on one core).
 BUDGETS = {
     "cpu": dict(preset="cpu", sft_steps=3500, rl_steps=36, sudoku_sft_steps=500, sudoku_rl_steps=4,
