@@ -118,7 +118,7 @@ def run_chains(chains, n_parallel):
         os.makedirs(os.path.dirname(log), exist_ok=True)
         print(f"[experiments] start python train.py {' '.join(argv)}  (log: {log})", flush=True)
         t0 = time.perf_counter()
-        with open(log, "w") as f:
+        with open(log, "a" if "--resume" in argv else "w") as f:  # a resumed stage keeps its first part's log
             code = subprocess.run([sys.executable, "train.py", *argv], stdout=f, stderr=subprocess.STDOUT,
                                   env=env, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
         seconds = time.perf_counter() - t0
