@@ -273,12 +273,12 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # smear: a learned map of the previous token's embedding, added to each token's input
+        if not 0 <= config.smear <= 4:
+            raise ValueError(f"smear {config.smear}: a model carries 0 to 4 tokens before each input")
         self.smear = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 1 else None
         self.smear2 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 2 else None
         self.smear3 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 3 else None
         self.smear4 = nn.Linear(config.n_embd, config.n_embd, bias=False) if config.smear >= 4 else None
-        if not 0 <= config.smear <= 4:
-            raise ValueError(f"smear {config.smear}: a model carries 0 to 4 tokens before each input")
         # Tied embeddings: reading a token in and predicting it out share one matrix. Untying
         # was tried against the small model's "reads out a neighbour of the right number" errors
         # and did not help: the free output layer learned neighbours as alike (BENCHMARKS.md).
