@@ -54,7 +54,7 @@ import protocol as P
 import tasks
 from asyncthink import load_model, pick_device, trajectory
 from executor import ANSWERED, Executor, RunConfig
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache, read_runs
 
 
 @dataclass
@@ -447,16 +447,17 @@ def bench(args):
     return bench_real(args, device, repeats) if args.ckpt else 0
 
 
-def keys_read(calls):
-    """(cached keys the decode forwards read, keys their rows need): a batched decode reads every
-    row, riders included, up to the longest length of a row that decodes, so the first is
-    rows * (that length + 1) per forward and the second the decoding rows' lengths + 1."""
+def keys_read(calls, run_cost=KVCache.run_cost):
+    """(cached keys the decode forwards read, keys their rows need): each forward reads its rows
+    in runs of nearby slots (model.read_runs), a run every slot of its span, riders included, up
+    to its longest row's length + 1; a row needs its own length + 1."""
     read = need = 0
     for slots, lengths, idx, n_new in calls:
         if idx.size(1) == 1:
-            live = n_new > 0
-            read += len(slots) * (int(lengths[live].max()) + 1)
-            need += int((lengths[live] + 1).sum())
+            slots, keys = slots.tolist(), (lengths + 1).tolist()
+            for rows in read_runs(slots, keys, run_cost):
+                read += (slots[rows[-1]] - slots[rows[0]] + 1) * max(keys[r] for r in rows)
+            need += int((lengths[n_new > 0] + 1).sum())
     return read, need
 
 

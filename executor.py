@@ -61,7 +61,6 @@ Thinking modes, all producing the same episodes:
 import bisect
 import time
 from collections import Counter
-from itertools import accumulate
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +152,18 @@ class RunConfig:
         return self.n_parallel or self.capacity - 1
 
 
+def sample(probs, gen):
+    """One id per row of probs (B, V), drawn by inverse transform sampling: a uniform u in
+    [0, 1) per row picks the first id whose cumulative probability exceeds u x the row's total.
+    Worked example: probs [0.2, 0.5, 0.3] have cumulative [0.2, 0.7, 1.0]; u = 0.65 picks id 1.
+    One random number per row, where torch.multinomial draws one per vocabulary entry (a tenth
+    of a decode step at the small model's size, BENCHMARKS.md). An id of probability 0 is never
+    picked: its cumulative probability equals the one before it."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(probs.size(0), 1, generator=gen, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0]  # the number of ids with cdf <= u
+
+
 # -----------------------------------------------------------------------------
 # Threads and episodes
 
@@ -202,8 +213,6 @@ class Episode:
 # The executor
 
 class Executor:
-    min_split_keys = 4096  # see slot_ranges
-
     def __init__(self, model: GPT, tok: P.Tokenizer, cfg: RunConfig):
         cfg.check()
         self.model, self.tok, self.cfg = model, tok, cfg
@@ -298,46 +307,14 @@ class Executor:
                     th.logits, th.feed = row[n - 1], []
 
     def decode(self, threads):
-        """One token for each thread, in one forward over the range of slots lo..hi they span
-        (or two, see slot_ranges). Consecutive slots read the KV cache as a view, where
-        scattered ones would copy every row's keys in every layer (model.GPT.forward_cached);
-        the slots in between (a waiting organizer's, a free one) ride along with a pad token
-        and n_new = 0, which writes nothing. Slots are handed out lowest first, so a range
-        stays short."""
-        for group in self.slot_ranges(threads):
-            lo, hi = group[0].slot, group[-1].slot
-            ids, new = [self.tok.pad] * (hi - lo + 1), [0] * (hi - lo + 1)  # riders: pad, 0
-            for th in group:
-                ids[th.slot - lo], new[th.slot - lo] = th.feed[0], 1
-            logits = self.forward(torch.tensor(ids)[:, None], torch.arange(lo, hi + 1), torch.tensor(new))
-            for th in group:
-                th.logits, th.feed = logits[th.slot - lo, -1], []
-
-    def slot_ranges(self, threads):
-        """The threads in slot order, as one range or split in two where that reads at least a
-        quarter fewer cached keys. Every row of a range, riders included, reads keys up to the
-        longest thread's length, so one 900-token organizer in a range of forty 100-token
-        workers makes each read 900. Splitting after thread i costs rows(first) * longest(first)
-        + rows(second) * longest(second) instead of rows(all) * longest(all): organizers,
-        admitted first, hold the low slots, so the split usually parts them from the workers.
-        A second forward has a fixed cost of its own (on a CPU about what reading a few
-        thousand cached keys costs), so a split must also save min_split_keys reads."""
-        threads = sorted(threads, key=lambda th: th.slot)
-        if len(threads) < 2:
-            return [threads]
-        held = self.cache.lengths.tolist()
-        keys = [held[th.slot] + 1 for th in threads]  # after this step
-        rows = lambda i, j: threads[j].slot - threads[i].slot + 1  # the slots from thread i to j
-        B = len(threads)
-        head = list(accumulate(keys, max))              # longest up to thread i
-        tail = list(accumulate(keys[::-1], max))[::-1]  # longest from thread i
-        cost = lambda i: rows(0, i) * head[i] + rows(i + 1, B - 1) * tail[i + 1]  # split after i
-        one = rows(0, B - 1) * head[-1]
-        best = min(range(B - 1), key=cost)
-        if one - cost(best) < max(0.25 * one, self.min_split_keys):
-            return [threads]
-        return [threads[:best + 1], threads[best + 1:]]
-
+        """One token for each thread, in one batched forward. The model reads each thread's
+        cached keys as a view of the cache (model.read_runs), and slots are handed out lowest
+        first, so the threads of the batch stay close together in the cache."""
+        threads = sorted(threads, key=lambda th: th.slot)  # rows in slot order: runs are slices
+        ids = torch.tensor([th.feed[0] for th in threads])[:, None]  # (B, 1)
+        logits = self.forward(ids, torch.tensor([th.slot for th in threads]), torch.ones(len(threads), dtype=torch.long))
+        for th, row in zip(threads, logits):
+            th.logits, th.feed = row[-1], []
 
     def forward(self, idx, slots, n_new):
         """The model's cached forward: idx (B, T) into slots (B,), n_new (B,) tokens each."""
@@ -359,7 +336,7 @@ class Executor:
             if self.cfg.top_k is not None:
                 kth = torch.topk(scaled, min(self.cfg.top_k, scaled.size(-1))).values[:, -1:]
                 scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-            ids = torch.multinomial(F.softmax(scaled, dim=-1), 1, generator=self.gen)[:, 0]
+            ids = sample(F.softmax(scaled, dim=-1), self.gen)
         ids = ids.tolist()
         if self.force:  # scripted tokens (bench.py, tests) replace the sampled ones
             forced = [self.force(th.episode, th) for th in threads]

@@ -204,28 +204,32 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask, read, live):
-        """x (B, T, C) new tokens; k_cache, v_cache (n_slots, nh, max_len, hd) are this
-        layer's cache; slots (B,) long; pos (B, T) absolute positions of the new tokens;
-        mask (B, 1, T, L) True where a query may look at a key; read: slots, or the same
-        slots as a slice when they are consecutive; live: the rows whose tokens are written
-        (slice(None): all). See GPT.forward_cached."""
+    def forward_cached(self, x, k_cache, v_cache, pos, write, runs):
+        """x (B, T, C) new tokens at positions pos (B, T); k_cache, v_cache (n_slots, nh,
+        max_len, hd) are this layer's cache; write = (slots (R, 1), positions (R, T), rows):
+        where the rows that append something put their keys and values; runs: how the rows
+        read the cache back (ReadRun, see GPT.forward_cached)."""
         B, T, C = x.size()
         q, k, v = self.qkv(x, pos)  # (B, T, nh, hd)
         # 1. write the new keys/values at their positions in their slots (the two index
-        #    tensors are apart, so the indexed view is (B, T, nh, hd), the layout of k and v)
-        k_cache[slots[live, None], :, pos[live]] = k[live]
-        v_cache[slots[live, None], :, pos[live]] = v[live]
-        # 2. read back each slot's first L positions (old prefix + the new tokens), heads first
-        #    as attention multiplies them. Consecutive slots are a view of the cache; any others
-        #    a gather, which copies every row's L keys in every layer at every step.
-        L = mask.size(-1)
-        k_all, v_all = k_cache[read, :, :L], v_cache[read, :, :L]  # (B, nh, L, hd)
-        # 3. attention written out: for a few queries over many cached keys, two batched
-        #    matmuls beat scaled_dot_product_attention on a CPU (BENCHMARKS.md)
-        att = q.transpose(1, 2) @ k_all.transpose(-1, -2) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, L)
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v_all).transpose(1, 2).contiguous().view(B, T, C)
+        #    tensors are apart, so the indexed view is (R, T, nh, hd), the layout of k and v)
+        slots, positions, rows = write
+        k_cache[slots, :, positions] = k[rows]
+        v_cache[slots, :, positions] = v[rows]
+        # 2. attention, one run of nearby slots at a time: the run's keys are a view of the
+        #    cache (heads first, as attention multiplies them), never a copy. Written out as two
+        #    batched matmuls: for a few queries over many cached keys they beat
+        #    scaled_dot_product_attention on a CPU (BENCHMARKS.md).
+        q = q.transpose(1, 2) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, hd)
+        y = torch.empty_like(q)
+        for run in runs:
+            k_run = k_cache[run.lo:run.hi, :, :run.L]  # (n, nh, L, hd): n slots, riders included
+            v_run = v_cache[run.lo:run.hi, :, :run.L]
+            q_run = q[run.rows] if run.at is None else q.new_zeros(run.hi - run.lo, *q.shape[1:]).index_copy_(0, run.at, q[run.rows])
+            att = (q_run @ k_run.transpose(-1, -2)).masked_fill_(run.blocked, float("-inf"))  # (n, nh, T, L)
+            y_run = att.softmax(dim=-1) @ v_run  # (n, nh, T, hd)
+            y[run.rows] = y_run if run.at is None else y_run[run.at]
+        y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -254,8 +258,8 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), pos, mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_cached(self, x, k_cache, v_cache, slots, pos, mask, read, live):
-        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, slots, pos, mask, read, live)
+    def forward_cached(self, x, k_cache, v_cache, pos, write, runs):
+        x = x + self.attn.forward_cached(self.ln_1(x), k_cache, v_cache, pos, write, runs)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -384,10 +388,10 @@ class GPT(nn.Module):
         padding sits beyond the slot's length and is overwritten by the next append. A row
         with n_new[b] = 0 writes nothing and its slot stays as it was.
 
-        Rows that are consecutive slots (slots = lo, lo+1, ..., in order) read the cache as
-        a view; any other rows are gathered, a copy of every row's keys and values in every
-        layer. So the executor decodes its threads as one range of slots, the slots in
-        between (a waiting organizer's, a free one) riding along with n_new = 0.
+        Reading the cache back: the rows are split into runs of nearby slots (read_runs), and
+        each run reads its slots lo..hi as one view of the cache, up to its longest row's
+        length: no copy, and few keys read that a row does not need. The slots between a run's
+        rows (a waiting thread's, a free one) ride along: a zero query, its output dropped.
 
         The new token j of row b sits at position p = lengths[slot] + j. It may look at
         key position k iff k <= p. That one rule gives both the causal mask aligned to
@@ -400,21 +404,15 @@ class GPT(nn.Module):
         slots, n_new = cache.check_append(slots, n_new, B, T)
         start = cache.lengths[slots]  # (B,)
         written = n_new > 0
-        L = int((start + T)[written].max()) if bool(written.any()) else 1  # longest key range needed
-        if L > cache.max_len:
+        if bool(written.any()) and int((start + T)[written].max()) > cache.max_len:
             raise ValueError(f"KV cache overflow: appending {T} tokens to slots {slots.tolist()} "
                              f"with lengths {start.tolist()} exceeds max_len {cache.max_len}")
-        lo = int(slots[0])
-        consecutive = bool((slots == torch.arange(lo, lo + B, device=slots.device)).all())
-        read = slice(lo, lo + B) if consecutive else slots
         rows = torch.nonzero(written).squeeze(1)  # the rows that append something
-        live = slice(None) if len(rows) == B else rows
-
         # (B, T); clamped only where a row writes nothing (a full slot riding along)
         pos = (start[:, None] + torch.arange(T, device=slots.device)).clamp(max=cache.max_len - 1)
-        key_pos = torch.arange(L, device=slots.device)  # (L,)
-        mask = key_pos[None, None, None, :] <= pos[:, None, :, None]  # (B, 1, T, L)
-        pos, mask = pos.to(idx.device), mask.to(idx.device)
+        write = (slots[rows, None], pos[rows], slice(None) if len(rows) == B else rows)
+        pos = pos.to(idx.device)
+        runs = cache.read_plan(slots.tolist(), pos)
 
         # the tokens before each new one: the slot's last S tokens, then the new tokens themselves
         S = cache.last.size(1)
@@ -422,7 +420,7 @@ class GPT(nn.Module):
         prev = torch.stack([history[:, S - lag:S - lag + T] for lag in range(1, S + 1)], dim=-1)  # (B, T, S)
         x = self.embed(idx, prev, pos)
         for i, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, cache.k[i], cache.v[i], slots, pos, mask, read, live)
+            x = block.forward_cached(x, cache.k[i], cache.v[i], pos, write, runs)
         logits = self.lm_head(self.transformer.ln_f(x))
         # each writing row's last S tokens of history, in one gather (a row appends n_new of them)
         cols = (n_new[rows] - 1)[:, None] + torch.arange(1, S + 1, device=rows.device)  # (R, S)
@@ -521,6 +519,55 @@ def init_number_embeddings(model, values, periods=(2, 3, 4, 5, 7, 10, 20, 50, 10
         wte[ids, :features.size(1)] += scale * features.to(wte.device, wte.dtype)
 
 
+def read_runs(slots, keys, run_cost):
+    """Split a cached forward's rows into runs of nearby slots, each read as one view.
+
+    slots: each row's cache slot (distinct); keys: how many cached keys each row reads. A run
+    whose rows span the slots lo..hi reads (hi - lo + 1) x its longest keys: every slot in
+    between rides along, and every slot reads as far as the run's longest row. A run also costs
+    a few small ops in every layer, worth about run_cost keys. Returns the runs (lists of rows,
+    in slot order) of the least total cost, by dynamic programming as in line breaking: the
+    cheapest reading of the first j rows ends with some run i..j-1. Worked example, run_cost 100:
+
+        slots [0, 1, 2, 9], keys [900, 100, 120, 110]
+        one run            10 x 900 + 100                       = 9100
+        [0] [1 2 9]        900 + 100 + 9 x 120 + 100            = 2180
+        [0] [1 2] [9]      900 + 100 + 2 x 120 + 100 + 110 + 100 = 1550   <- the rows [[0], [1, 2], [3]]
+    """
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    n = len(order)
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)  # best[j]: the cheapest reading of rows :j
+    for j in range(1, n + 1):
+        longest = 0
+        for i in range(j - 1, -1, -1):  # the last run: rows i..j-1 in slot order
+            longest = max(longest, keys[order[i]])
+            run = (slots[order[j - 1]] - slots[order[i]] + 1) * longest + run_cost
+            if run >= best[j]:
+                break  # starting the run earlier only makes it dearer
+            if best[i] + run < best[j]:
+                best[j], cut[j] = best[i] + run, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(order[cut[j]:j])
+        j = cut[j]
+    return runs[::-1]
+
+
+@dataclass
+class ReadRun:
+    """One run of read_runs as attention uses it: the slots lo..hi-1 read up to L keys; rows
+    (R,): the forward's rows in it, in slot order (a slice where they are consecutive rows);
+    at (R,): their places in the run (None when
+    the run is exactly those rows: no riders); blocked (n, 1, T, L): True where a query may not
+    look at a key (beyond its position; a rider looks at everything, harmlessly)."""
+    lo: int
+    hi: int
+    L: int
+    rows: torch.Tensor | slice
+    at: torch.Tensor | None
+    blocked: torch.Tensor
+
+
 class KVCache:
     """Keys and values of already-processed tokens, so decoding a token costs one
     forward over that token instead of over the whole sequence.
@@ -537,6 +584,8 @@ class KVCache:
     Memory: 2 (k and v) * n_layer * n_slots * max_len * n_embd * bytes_per_elem, e.g.
     the 'small' preset with 64 slots of 1024 tokens in float32 is 2*4*64*1024*128*4 = 256 MiB.
     """
+
+    run_cost = 300  # what one more ReadRun costs, in keys read (read_runs; BENCHMARKS.md)
 
     def __init__(self, config, n_slots, max_len=None, device=None, dtype=None):
         max_len = max_len or config.block_size
@@ -564,6 +613,22 @@ class KVCache:
         if int(n_new.min()) < 0 or int(n_new.max()) > T:
             raise ValueError(f"n_new must lie in [0, {T}], got {n_new.tolist()}")
         return slots, n_new
+
+    def read_plan(self, slots, pos):
+        """The ReadRuns of a forward whose rows go to slots (a list) with their new tokens at
+        pos (B, T): row b reads pos[b, -1] + 1 keys."""
+        T, keys = pos.size(1), [p + 1 for p in pos[:, -1].tolist()]
+        plan = []
+        for rows in read_runs(slots, keys, self.run_cost):
+            lo, hi, L = slots[rows[0]], slots[rows[-1]] + 1, max(keys[r] for r in rows)
+            at = None if hi - lo == len(rows) else torch.tensor([slots[r] - lo for r in rows], device=pos.device)
+            # rows given in slot order make each run a slice of them: a view, not a gather
+            rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows, device=pos.device)
+            # each slot's query positions; a rider's are L - 1: it looks at every key, harmlessly
+            run_pos = pos[rows] if at is None else pos.new_full((hi - lo, T), L - 1).index_copy_(0, at, pos[rows])
+            blocked = torch.arange(L, device=pos.device) > run_pos[:, None, :, None]  # (n, 1, T, L)
+            plan.append(ReadRun(lo, hi, L, rows, at, blocked))
+        return plan
 
     def nbytes(self):
         return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()

@@ -29,13 +29,15 @@ def test_real_episodes_section_runs_on_a_checkpoint(tmp_path, capsys):
     assert bench.main(["--quick", "--ckpt", str(tmp_path / "missing.pt")]) == 2
 
 
-def test_keys_read_counts_the_padding_to_the_longest_row():
-    # one decode forward over slots 0..2 at lengths 3, 40 and 9, slot 1 riding along (n_new 0):
-    # each of the 3 rows reads 10 keys (9 + the new one, the longest decoding row), though the
-    # first needs 4 and the rider none; a prefill (2 new tokens) is not a decode, not counted
-    decode = (torch.tensor([0, 1, 2]), torch.tensor([3, 40, 9]), torch.zeros(3, 1), torch.tensor([1, 0, 1]))
+def test_keys_read_counts_the_riders_and_the_padding_of_a_run():
+    # one decode forward of slots 0 and 2 at lengths 3 and 9 (slot 1 not in it): read as one run
+    # of slots 0..2, each of the 3 slots reads 10 keys (9 + the new one), 30, though the rows need
+    # 4 + 10 = 14; split in two runs (no cost per run) they read just what they need; a prefill
+    # (2 new tokens) is not a decode, not counted
+    decode = (torch.tensor([0, 2]), torch.tensor([3, 9]), torch.zeros(2, 1), torch.tensor([1, 1]))
     prefill = (torch.tensor([2]), torch.tensor([0]), torch.zeros(1, 2), torch.tensor([2]))
-    assert bench.keys_read([decode, prefill]) == (30, 14)
+    assert bench.keys_read([decode, prefill], run_cost=1000) == (30, 14)
+    assert bench.keys_read([decode, prefill], run_cost=0) == (14, 14)
 
 
 def test_training_speed_benchmark_runs(capsys):

@@ -341,51 +341,49 @@ def test_solve_accepts_a_pretrained_gpt2_folder(tmp_path):
     assert json.loads((tmp_path / "o.jsonl").read_text())["mode"] == "async"
 
 
-def test_decode_is_one_forward_over_a_range_of_slots():
-    """Threads in slots 0, 1 and 3 (slot 2 holds a waiting thread) decode in one forward over
-    slots 0..3, slot 2 riding along with n_new = 0; each thread's logits equal a full forward of
-    its own tokens (oracle), and slot 2 is left as it was. Released slots go out lowest first."""
+def test_sample_draws_each_id_at_its_probability():
+    """Inverse transform sampling against the distribution itself: 100,000 draws of each row
+    land on each id within 5 standard errors of its probability, and never on an id of
+    probability 0 (first, last, or between two others)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.stack([torch.tensor([0.0, 0.2, 0.5, 0.0, 0.3, 0.0]),
+                        torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]),
+                        torch.softmax(torch.randn(6, generator=g) * 2, dim=0)])
+    n = 100_000
+    ids = E.sample(rows.repeat_interleave(n, dim=0), g).view(3, n)
+    for p, drawn in zip(rows, ids):
+        freq = torch.bincount(drawn, minlength=6).float() / n
+        assert (freq[p == 0] == 0).all()
+        assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-9).all(), (freq, p)
+
+
+def test_decode_is_one_forward_of_its_threads():
+    """Threads in slots 0, 1 and 3 (slot 2 holds a waiting thread) decode in one forward of
+    exactly those slots (in slot order), however the model groups them to read the cache (one run over 0..3
+    with slot 2 riding along, or one run per thread); each thread's logits equal a full forward
+    of its own tokens (oracle), and slot 2 is left as it was. Released slots go out lowest first."""
     from types import SimpleNamespace
     model = tiny_model()
-    ex = E.Executor(model, tok, E.RunConfig(mode="async", capacity=4))
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(tok.n_vocab, (n,), generator=g) for n in (5, 9, 7, 3)]
-    with torch.no_grad():
-        for s, seq in enumerate(seqs):
-            model.forward_cached(seq[None, :-1], ex.cache, torch.tensor([s]))
-    calls, forward = [], model.forward_cached
-    model.forward_cached = lambda idx, cache, slots, n_new=None: calls.append((slots.tolist(), n_new.tolist())) or forward(idx, cache, slots, n_new)
-    threads = [SimpleNamespace(slot=s, feed=[int(seqs[s][-1])], logits=None) for s in (3, 0, 1)]
-    ex.decode(threads)
-    assert calls == [([0, 1, 2, 3], [1, 1, 0, 1])]
-    assert ex.cache.lengths.tolist()[:4] == [5, 9, 6, 3]  # slot 2 stays at 6
-    for th in threads:
-        ref = model(seqs[th.slot][None])[0, -1]
-        torch.testing.assert_close(th.logits, ref, atol=1e-5, rtol=1e-5)
-        assert th.feed == []
+    for run_cost in (10**9, 0):  # one run of slots 0..3; then three runs, one per thread
+        ex = E.Executor(model, tok, E.RunConfig(mode="async", capacity=4))
+        ex.cache.run_cost = run_cost
+        with torch.no_grad():
+            for s, seq in enumerate(seqs):
+                model.forward_cached(seq[None, :-1], ex.cache, torch.tensor([s]))
+        calls, forward = [], model.forward_cached
+        model.forward_cached = lambda idx, cache, slots, n_new=None: calls.append((slots.tolist(), n_new.tolist())) or forward(idx, cache, slots, n_new)
+        threads = [SimpleNamespace(slot=s, feed=[int(seqs[s][-1])], logits=None) for s in (3, 0, 1)]
+        ex.decode(threads)
+        del model.forward_cached
+        assert calls == [([0, 1, 3], [1, 1, 1])]  # in slot order
+        assert ex.cache.lengths.tolist()[:4] == [5, 9, 6, 3]  # slot 2 stays at 6
+        for th in threads:
+            ref = model(seqs[th.slot][None])[0, -1]
+            torch.testing.assert_close(th.logits, ref, atol=1e-5, rtol=1e-5)
+            assert th.feed == []
     ex.free_slots = []
     for s in (5, 1, 3):
         ex.release(SimpleNamespace(slot=s))
     assert ex.free_slots == [1, 3, 5]
-
-
-def test_slot_ranges_part_a_long_thread_from_short_ones_by_hand():
-    """Worked by hand: threads in slots 0, 1, 2, 3 holding 199, 19, 19, 19 tokens read 4 x 200 =
-    800 keys in one range, 1 x 200 + 3 x 20 = 260 in two (split after slot 0): 540 saved, a
-    split when a second forward costs less than that (min_split_keys), one range with the
-    default 4096. A gap in the slots counts its riders: slots 0 and 5 at 99 and 9 read 6 x 100."""
-    from types import SimpleNamespace
-    ex = E.Executor(tiny_model(), tok, E.RunConfig(mode="async", capacity=4))
-    threads = [SimpleNamespace(slot=s) for s in (2, 0, 3, 1)]
-    ex.cache.lengths[:4] = torch.tensor([199, 19, 19, 19])
-    (one,) = ex.slot_ranges(threads)
-    assert [th.slot for th in one] == [0, 1, 2, 3]  # 540 < 4096: in slot order, one range
-    ex.min_split_keys = 500
-    first, second = ex.slot_ranges(threads)
-    assert [th.slot for th in first] == [0] and [th.slot for th in second] == [1, 2, 3]
-    ex.min_split_keys = 0
-    ex.cache.lengths[:6] = torch.tensor([99, 0, 0, 0, 0, 9])
-    pair = [SimpleNamespace(slot=5), SimpleNamespace(slot=0)]
-    assert [[th.slot for th in g] for g in ex.slot_ranges(pair)] == [[0], [5]]  # 600 -> 100 + 10
-    assert ex.slot_ranges(pair[:1]) == [pair[:1]]
-

@@ -2,13 +2,14 @@
 uncached forward of the same sequence, and a Hugging Face GPT-2 checkpoint must give
 the same logits as transformers' own GPT2LMHeadModel."""
 
+import itertools
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, PRESETS, rotary, rotary_angles
+from model import GPT, GPTConfig, KVCache, PRESETS, read_runs, rotary, rotary_angles
 
 V = 50
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -204,9 +205,9 @@ def test_batched_prefill_with_right_padding(model):
             torch.testing.assert_close(logits[i, 0], ref, **TOL)
 
 
-def test_consecutive_slots_read_a_view_and_rows_with_nothing_new_write_nothing(model):
-    """The executor's decode step: one forward over the consecutive slots 1..4, where slot 2
-    (a waiting thread's, full to the last position) and slot 3 (free) ride along with n_new = 0.
+def test_rows_with_nothing_new_write_nothing(model):
+    """One forward over the consecutive slots 1..4, where slot 2 (full to the last position)
+    and slot 3 (free) come along with n_new = 0.
     Oracle: the live rows' logits equal the full forward's, and the riders' slots are untouched
     (keys, values, length, last token)."""
     g = torch.Generator().manual_seed(6)
@@ -226,6 +227,57 @@ def test_consecutive_slots_read_a_view_and_rows_with_nothing_new_write_nothing(m
         torch.testing.assert_close(old[..., 2:4, :, :, :] if old.dim() == 5 else old[2:4],
                                    new[..., 2:4, :, :, :] if new.dim() == 5 else new[2:4])
     assert cache.lengths.tolist() == [0, 6, 16, 0, 10]
+
+
+def read_cost(slots, keys, runs, run_cost):
+    return sum((max(slots[r] for r in run) - min(slots[r] for r in run) + 1) * max(keys[r] for r in run)
+               + run_cost for run in runs)
+
+
+def test_read_runs_by_hand_and_against_every_split():
+    """The docstring's worked example; then against brute force: every way of cutting the rows,
+    in slot order, into runs of consecutive rows (2^(n-1) of them); read_runs must find one of
+    the least cost, and its runs must hold every row once, in slot order."""
+    assert read_runs([0, 1, 2, 9], [900, 100, 120, 110], 100) == [[0], [1, 2], [3]]
+    assert read_runs([0, 1, 2, 9], [900, 100, 120, 110], 10**6) == [[0, 1, 2, 3]]
+    assert read_runs([], [], 5) == []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        n = int(torch.randint(1, 8, (1,), generator=g))
+        slots = torch.randperm(12, generator=g)[:n].tolist()
+        keys = torch.randint(1, 1000, (n,), generator=g).tolist()
+        run_cost = [0, 30, 1000, 10**6][int(torch.randint(4, (1,), generator=g))]
+        order = sorted(range(n), key=slots.__getitem__)
+        best = min(read_cost(slots, keys, [order[a:b] for a, b in zip((0, *cuts), (*cuts, n))], run_cost)
+                   for k in range(n) for cuts in itertools.combinations(range(1, n), k))
+        runs = read_runs(slots, keys, run_cost)
+        assert [r for run in runs for r in run] == order
+        assert read_cost(slots, keys, runs, run_cost) == best
+
+
+@pytest.mark.parametrize("run_cost", [0, 10**9])
+def test_runs_with_riders_give_each_row_its_full_forward_logits(model, run_cost):
+    """Rows in slots 4, 0, 5 and 2 (slot 1 holds a longer thread that is not in the forward,
+    slot 3 is free) decode one token each and then append three (a prefill), read as one run of
+    slots 0..5 with riders (run_cost huge) or one run per row (0). Oracle: each row's logits
+    equal a full forward of its whole sequence, and slot 1 is untouched."""
+    g = torch.Generator().manual_seed(8)
+    cache = model.new_cache(n_slots=6, max_len=32)
+    cache.run_cost = run_cost
+    seqs = {s: torch.randint(V, (n,), generator=g) for s, n in ((0, 12), (1, 20), (2, 3), (4, 7), (5, 1))}
+    with torch.no_grad():
+        for s, seq in seqs.items():
+            model.forward_cached(seq[None], cache, torch.tensor([s]))
+        before = (cache.k[:, 1].clone(), cache.v[:, 1].clone(), int(cache.lengths[1]), cache.last[1].clone())
+        slots = [4, 0, 5, 2]
+        for T in (1, 3):
+            new = torch.randint(V, (4, T), generator=g)
+            logits = model.forward_cached(new, cache, torch.tensor(slots))
+            for row, s in enumerate(slots):
+                seqs[s] = torch.cat([seqs[s], new[row]])
+                torch.testing.assert_close(logits[row], full_logits(model, seqs[s])[-T:], **TOL)
+    for old, now in zip(before, (cache.k[:, 1], cache.v[:, 1], int(cache.lengths[1]), cache.last[1])):
+        assert torch.equal(torch.as_tensor(old), torch.as_tensor(now))
 
 
 def test_bad_cache_use_is_loud(model):
