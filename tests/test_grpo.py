@@ -123,7 +123,7 @@ def test_first_ratio_is_one_on_real_tempered_rollouts():
     model = tiny_model()
     cfg = E.RunConfig(mode="async", capacity=4, temperature=0.7, seed=3, max_worker_tokens=40,
                       max_organizer_tokens=60)
-    eps = E.Executor(model, tok, cfg).run(ROWS * 3)
+    eps = E.Executor(model, tok, cfg).run(ROWS * 8)
     batches = grpo.thread_batches(eps, [1.0] * len(eps), max_tokens=10_000)
     n = 0
     with torch.no_grad():
