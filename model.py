@@ -226,7 +226,9 @@ class CausalSelfAttention(nn.Module):
             k_run = k_cache[run.lo:run.hi, :, :run.L]  # (n, nh, L, hd): n slots, riders included
             v_run = v_cache[run.lo:run.hi, :, :run.L]
             q_run = q[run.rows] if run.at is None else q.new_zeros(run.hi - run.lo, *q.shape[1:]).index_copy_(0, run.at, q[run.rows])
-            att = (q_run @ k_run.transpose(-1, -2)).masked_fill_(run.blocked, float("-inf"))  # (n, nh, T, L)
+            att = q_run @ k_run.transpose(-1, -2)  # (n, nh, T, L)
+            if run.blocked is not None:
+                att.masked_fill_(run.blocked, float("-inf"))
             y_run = att.softmax(dim=-1) @ v_run  # (n, nh, T, hd)
             y[run.rows] = y_run if run.at is None else y_run[run.at]
         y = y.transpose(1, 2).reshape(B, T, C)
@@ -559,13 +561,14 @@ class ReadRun:
     (R,): the forward's rows in it, in slot order (a slice where they are consecutive rows);
     at (R,): their places in the run (None when
     the run is exactly those rows: no riders); blocked (n, 1, T, L): True where a query may not
-    look at a key (beyond its position; a rider looks at everything, harmlessly)."""
+    look at a key (beyond its position; a rider looks at everything, harmlessly), None where
+    every query may look at every key."""
     lo: int
     hi: int
     L: int
     rows: torch.Tensor | slice
     at: torch.Tensor | None
-    blocked: torch.Tensor
+    blocked: torch.Tensor | None
 
 
 class KVCache:
@@ -619,14 +622,17 @@ class KVCache:
         pos (B, T): row b reads pos[b, -1] + 1 keys."""
         T, keys = pos.size(1), [p + 1 for p in pos[:, -1].tolist()]
         plan = []
-        for rows in read_runs(slots, keys, self.run_cost):
-            lo, hi, L = slots[rows[0]], slots[rows[-1]] + 1, max(keys[r] for r in rows)
-            at = None if hi - lo == len(rows) else torch.tensor([slots[r] - lo for r in rows], device=pos.device)
+        for run in read_runs(slots, keys, self.run_cost):
+            lo, hi, L = slots[run[0]], slots[run[-1]] + 1, max(keys[r] for r in run)
+            at = None if hi - lo == len(run) else torch.tensor([slots[r] - lo for r in run], device=pos.device)
             # rows given in slot order make each run a slice of them: a view, not a gather
-            rows = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows, device=pos.device)
-            # each slot's query positions; a rider's are L - 1: it looks at every key, harmlessly
-            run_pos = pos[rows] if at is None else pos.new_full((hi - lo, T), L - 1).index_copy_(0, at, pos[rows])
-            blocked = torch.arange(L, device=pos.device) > run_pos[:, None, :, None]  # (n, 1, T, L)
+            consecutive = run == list(range(run[0], run[-1] + 1))
+            rows = slice(run[0], run[-1] + 1) if consecutive else torch.tensor(run, device=pos.device)
+            blocked = None  # a decode run whose rows all read L keys (one row, say) hides nothing
+            if T > 1 or any(keys[r] < L for r in run):
+                # each slot's query positions; a rider's are L - 1: it looks at every key, harmlessly
+                run_pos = pos[rows] if at is None else pos.new_full((hi - lo, T), L - 1).index_copy_(0, at, pos[rows])
+                blocked = torch.arange(L, device=pos.device) > run_pos[:, None, :, None]  # (n, 1, T, L)
             plan.append(ReadRun(lo, hi, L, rows, at, blocked))
         return plan
 
