@@ -225,7 +225,10 @@ class CausalSelfAttention(nn.Module):
         for run in runs:
             k_run = k_cache[run.lo:run.hi, :, :run.L]  # (n, nh, L, hd): n slots, riders included
             v_run = v_cache[run.lo:run.hi, :, :run.L]
-            q_run = q[run.rows] if run.at is None else q.new_zeros(run.hi - run.lo, *q.shape[1:]).index_copy_(0, run.at, q[run.rows])
+            if run.at is None:
+                q_run = q[run.rows]  # (n, nh, T, hd)
+            else:  # the riders between the rows: zero queries
+                q_run = q.new_zeros(run.hi - run.lo, *q.shape[1:]).index_copy_(0, run.at, q[run.rows])
             att = q_run @ k_run.transpose(-1, -2)  # (n, nh, T, L)
             if run.blocked is not None:
                 att.masked_fill_(run.blocked, float("-inf"))
@@ -624,14 +627,20 @@ class KVCache:
         plan = []
         for run in read_runs(slots, keys, self.run_cost):
             lo, hi, L = slots[run[0]], slots[run[-1]] + 1, max(keys[r] for r in run)
-            at = None if hi - lo == len(run) else torch.tensor([slots[r] - lo for r in run], device=pos.device)
+            at = None  # the rows' places in the run, where riders sit between them
+            if hi - lo > len(run):
+                at = torch.tensor([slots[r] - lo for r in run], device=pos.device)
             # rows given in slot order make each run a slice of them: a view, not a gather
-            consecutive = run == list(range(run[0], run[-1] + 1))
-            rows = slice(run[0], run[-1] + 1) if consecutive else torch.tensor(run, device=pos.device)
+            if run == list(range(run[0], run[-1] + 1)):
+                rows = slice(run[0], run[-1] + 1)
+            else:
+                rows = torch.tensor(run, device=pos.device)
             blocked = None  # a decode run whose rows all read L keys (one row, say) hides nothing
             if T > 1 or any(keys[r] < L for r in run):
                 # each slot's query positions; a rider's are L - 1: it looks at every key, harmlessly
-                run_pos = pos[rows] if at is None else pos.new_full((hi - lo, T), L - 1).index_copy_(0, at, pos[rows])
+                run_pos = pos[rows]
+                if at is not None:
+                    run_pos = pos.new_full((hi - lo, T), L - 1).index_copy_(0, at, run_pos)
                 blocked = torch.arange(L, device=pos.device) > run_pos[:, None, :, None]  # (n, 1, T, L)
             plan.append(ReadRun(lo, hi, L, rows, at, blocked))
         return plan
