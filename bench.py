@@ -27,8 +27,8 @@ Four measurements, each printed as a table with its ratios:
   5. With --ckpt, real episodes: a trained checkpoint samples its own structures at RL's batch
      (16 episodes = 4 questions x G 4, temperature 0.7, the RL token limits), as the RL stage's
      rollouts do: tokens/s, the executor against the bare replay of its forwards, and how many
-     cached keys the batched decode reads against how many its rows need (every row of a forward
-     reads up to the longest row's length).
+     cached keys the batched decode reads against how many its rows need (a forward reads its
+     rows in runs of nearby slots, each slot of a run up to the run's longest row: model.read_runs).
 
     python bench.py --ckpt runs/countdown-async/sft.pt     # sections 1-4, then 5
 
