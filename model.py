@@ -585,7 +585,8 @@ class KVCache:
     predecessors, for smear; S = max(1, config.smear)).
     A slot is one token sequence (one AsyncThink thread); slots are independent and
     each is at its own length. Positions at or beyond a slot's length hold stale data
-    that attention never looks at.
+    that attention never looks at. A forward reads the slots back in runs of nearby
+    slots, each a view (read_plan, read_runs).
 
     Memory: 2 (k and v) * n_layer * n_slots * max_len * n_embd * bytes_per_elem, e.g.
     the 'small' preset with 64 slots of 1024 tokens in float32 is 2*4*64*1024*128*4 = 256 MiB.
