@@ -560,12 +560,12 @@ def read_runs(slots, keys, run_cost):
 
 @dataclass
 class ReadRun:
-    """One run of read_runs as attention uses it: the slots lo..hi-1 read up to L keys; rows
-    (R,): the forward's rows in it, in slot order (a slice where they are consecutive rows);
-    at (R,): their places in the run (None when
-    the run is exactly those rows: no riders); blocked (n, 1, T, L): True where a query may not
-    look at a key (beyond its position; a rider looks at everything, harmlessly), None where
-    every query may look at every key."""
+    """One run of read_runs as attention uses it, over the n = hi - lo slots lo..hi-1:
+      L        keys each slot reads (the run's longest row)
+      rows     (R,) the forward's rows in the run, in slot order (a slice if they are consecutive)
+      at       (R,) their places among the n slots; None when the run is exactly those rows
+      blocked  (n, 1, T, L) True where a query may not look at a key (beyond its position; a
+               rider looks at everything, harmlessly); None where every query sees every key"""
     lo: int
     hi: int
     L: int
