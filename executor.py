@@ -156,8 +156,8 @@ def sample(probs, gen):
     """One id per row of probs (B, V), drawn by inverse transform sampling: a uniform u in
     [0, 1) per row picks the first id whose cumulative probability exceeds u x the row's total.
     Worked example: probs [0.2, 0.5, 0.3] have cumulative [0.2, 0.7, 1.0]; u = 0.65 picks id 1.
-    One random number per row, where torch.multinomial draws one per vocabulary entry (a tenth
-    of a decode step at the small model's size, BENCHMARKS.md). An id of probability 0 is never
+    One random number per row, where torch.multinomial draws one per vocabulary entry (7-8% of
+    a rollout of the small model, BENCHMARKS.md). An id of probability 0 is never
     picked: its cumulative probability equals the one before it."""
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(probs.size(0), 1, generator=gen, device=probs.device) * cdf[:, -1:]
